@@ -1,0 +1,168 @@
+"""The ``calmwild`` command.
+
+``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI (model: DiffusionModule, data: any calmwild
+datamodule by class path). The analysis commands (``analyze``, ``sample``, ``swap``, ``evaluate``) are typed
+functions in :mod:`calmwild.commands`, turned into sub-commands by jsonargparse (``--config`` and
+``--print_config`` included).
+
+Every fit gets its own run directory ``<trainer.default_root_dir>/run-<timestamp>``, holding ``checkpoints/``,
+the loggers' files and ``config.yaml``, so no run ever overwrites another's files. Resuming (``--ckpt_path``) reuses
+the directory of the checkpoint; ``--ckpt_path last`` picks the newest run under the root that has a
+``checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from calmwild.data import InMemoryImageDataModule
+from calmwild.module import DiffusionModule
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def _as_list(value: Any) -> list:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def find_latest_run(root: Path) -> Path:
+    """The newest run directory under ``root`` that holds ``checkpoints/last.ckpt``."""
+    candidates = sorted(root.glob("run-*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no run under {root} has checkpoints/last.ckpt; pass the checkpoint file explicitly"
+        )
+    return candidates[-1].parent.parent
+
+
+def new_run_dir(root: Path) -> Path:
+    """A fresh, uniquely named run directory under ``root`` (created, never reused)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = root / f"run-{stamp}-{uuid.uuid4().hex[:6]}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+class CalmwildSaveConfig(SaveConfigCallback):
+    """Saves ``config.yaml`` into the run directory and pushes the full CLI config to W&B, if in use."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                config = self.parser.dump(self.config, skip_none=False, format="json")
+                import json
+
+                logger.experiment.config.update({"cli": json.loads(config)}, allow_val_change=True)
+
+
+class CalmwildCLI(LightningCLI):
+    """LightningCLI with per-run directories, resume into the same directory, and a closing summary."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"trainer.default_root_dir": "runs/default"})
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand != "fit":
+            return
+        cfg = self.config[self.subcommand]
+        root = Path(cfg.trainer.default_root_dir or "runs/default")
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path == "last":
+            run_dir = find_latest_run(root)
+            cfg.ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
+        elif ckpt_path:
+            ckpt = Path(ckpt_path)
+            if not ckpt.is_file():
+                raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+            run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        else:
+            run_dir = new_run_dir(root)
+        self.run_dir = run_dir
+        cfg.trainer.default_root_dir = str(run_dir)
+        self._place_loggers(cfg, run_dir)
+        self._place_checkpoints(cfg, run_dir)
+
+    @staticmethod
+    def _place_loggers(cfg: Namespace, run_dir: Path) -> None:
+        for logger in _as_list(cfg.trainer.logger):
+            if not isinstance(logger, Namespace) or "init_args" not in logger:
+                continue
+            args = logger.init_args
+            name = logger.class_path.rsplit(".", 1)[-1]
+            args.save_dir = str(run_dir)
+            if name in ("CSVLogger", "TensorBoardLogger"):
+                args.name = "logs"
+                args.version = ""
+            elif name == "WandbLogger":
+                id_file = run_dir / WANDB_ID_FILE
+                if id_file.exists():  # resuming: continue the same W&B run
+                    args.id = id_file.read_text().strip()
+                else:
+                    args.id = args.get("id") or uuid.uuid4().hex[:12]
+                    id_file.write_text(args.id)
+                if not args.get("name"):
+                    args.name = run_dir.parent.name
+
+    @staticmethod
+    def _place_checkpoints(cfg: Namespace, run_dir: Path) -> None:
+        for callback in _as_list(cfg.trainer.callbacks):
+            if isinstance(callback, Namespace) and callback.class_path.endswith("ModelCheckpoint"):
+                if not callback.init_args.get("dirpath"):
+                    callback.init_args.dirpath = str(run_dir / "checkpoints")
+
+    def after_fit(self) -> None:
+        if self.trainer.global_rank != 0:
+            return
+        run_dir = Path(self.trainer.default_root_dir)
+        lines = [f"calmwild: run finished at step {self.trainer.global_step}; run directory {run_dir}"]
+        for cb in self.trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None):
+                lines.append(f"  checkpoints: {cb.dirpath} (last: {cb.last_model_path or 'none'})")
+        for logger in self.trainer.loggers:
+            where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+            lines.append(f"  {type(logger).__name__}: {where}")
+        config_file = Path(self.trainer.log_dir or run_dir) / "config.yaml"
+        if config_file.exists():
+            lines.append(f"  config: {config_file}")
+        print("\n".join(lines), flush=True)
+
+
+def lightning_main(args: list[str] | None) -> CalmwildCLI:
+    return CalmwildCLI(
+        DiffusionModule,
+        InMemoryImageDataModule,
+        subclass_mode_data=True,
+        save_config_callback=CalmwildSaveConfig,
+        save_config_kwargs={"overwrite": False},
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of the ``calmwild`` console script; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+        from jsonargparse import auto_cli
+
+        from calmwild.commands import COMMANDS
+
+        if argv[0] not in COMMANDS:
+            known = ", ".join(list(LIGHTNING_COMMANDS) + list(COMMANDS))
+            raise SystemExit(f"calmwild: unknown command {argv[0]!r}; expected one of {known}")
+        return auto_cli(COMMANDS, args=argv)
+    return lightning_main(argv)
+
+
+if __name__ == "__main__":
+    main()

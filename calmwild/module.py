@@ -1,0 +1,257 @@
+"""DiffusionModule: the LightningModule that trains an EDM-preconditioned backbone with a pluggable SigmaSampler.
+
+Loss (paper eq. 1, EDM eq. 8): L = E_sigma E_x0 E_n [ r(sigma) lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2 ],
+sigma ~ the SigmaSampler, r(sigma) its extra per-sample factor (1 except for ``Reweighted``), lambda the EDM weight.
+
+Randomness is a pure function of (seed, global step, rank): each step seeds its own generator for sigma and noise,
+and the global RNG (dropout) from the same key. A resumed run therefore draws exactly what an uninterrupted run
+would have drawn, with no RNG state to save.
+
+The exponential moving average of the weights lives inside the module (``net_ema``) with EDM's half-life in images
+and ramp-up (Karras et al. 2022, App. F.3): half-life = min(ema_halflife_images, ema_rampup_ratio * images seen),
+beta = 0.5 ** (global_batch / half-life). Checkpoints therefore carry both the live (``net.*``) and the EMA
+(``net_ema.*``) weights, and evaluation reads ``net_ema`` directly, never a swapped copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+
+from calmwild.denoisers import NetworkDenoiser
+from calmwild.precond import EDMPrecond, edm_loss_weight
+from calmwild.sampling import generate
+from calmwild.sigma import LogNormal, SigmaSampler
+from calmwild.unet import UNet
+
+CHECKPOINT_FORMAT_VERSION = 1
+_STEP_SEED_STRIDE = 1_000_003  # a prime, so (seed, step, rank) keys do not collide for realistic ranks
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The 63-bit seed of training step ``step`` on DDP rank ``rank``."""
+    return (seed * 2_147_483_647 + step * _STEP_SEED_STRIDE + rank) % (2**63 - 1)
+
+
+class DiffusionModule(pl.LightningModule):
+    """Trains ``D = EDMPrecond(backbone)`` with sigma drawn from ``sigma_sampler``.
+
+    Args:
+        backbone: the raw network F(x_in, c_noise, class_labels), e.g. ``calmwild.unet.UNet``.
+        sigma_sampler: distribution of training noise levels; default ``LogNormal(-1.2, 1.2)`` (EDM).
+        sigma_data: EDM's data standard deviation (0.5 for images in [-1, 1]).
+        loss_weighting: ``edm`` (lambda(sigma) of EDM eq. 8), ``eps`` (1/sigma^2: DDPM's epsilon-prediction loss in
+            data space) or ``unit`` (plain x0 MSE).
+        lr: Adam learning rate; betas, eps, weight_decay: Adam's.
+        lr_warmup_steps: linear learning-rate ramp-up over this many optimizer steps (0 disables).
+        ema_halflife_images: EMA half-life in images (EDM: 500k).
+        ema_rampup_ratio: EDM's EMA ramp-up; half-life grows as ratio * images seen until ema_halflife_images.
+            ``None`` disables the ramp-up.
+        nan_policy: on a non-finite loss, ``raise`` stops the run with a clear error at that step (the last good
+            checkpoint is untouched) or ``skip`` drops the step's update and counts it.
+        sample_class: class label used when sampling from a class-conditional backbone (dummy-class baseline: 0).
+        sampler_steps, sampler_solver: defaults for :meth:`sample` (EDM Heun, 18 steps).
+        seed: base seed for sigma, noise and dropout (combined with step and rank).
+    """
+
+    def __init__(
+        self,
+        backbone: UNet,
+        sigma_sampler: SigmaSampler | None = None,
+        sigma_data: float = 0.5,
+        loss_weighting: Literal["edm", "eps", "unit"] = "edm",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        lr_warmup_steps: int = 0,
+        ema_halflife_images: float = 500_000.0,
+        ema_rampup_ratio: float | None = 0.05,
+        nan_policy: Literal["raise", "skip"] = "raise",
+        sample_class: int | None = None,
+        sampler_steps: int = 18,
+        sampler_solver: Literal["heun", "euler"] = "heun",
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "sigma_sampler"])
+        if not hasattr(backbone, "config"):
+            raise TypeError(f"backbone {type(backbone).__name__} must expose a `config` dict to be checkpointable")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
+        if ema_halflife_images <= 0:
+            raise ValueError(f"ema_halflife_images must be positive, got {ema_halflife_images}")
+        if ema_rampup_ratio is not None and ema_rampup_ratio <= 0:
+            raise ValueError(f"ema_rampup_ratio must be positive or null, got {ema_rampup_ratio}")
+        if sampler_steps < 1:
+            raise ValueError(f"sampler_steps must be >= 1, got {sampler_steps}")
+        num_classes = int(backbone.config.get("num_classes", 0))
+        if sample_class is not None and not 0 <= sample_class < max(num_classes, 1):
+            raise ValueError(f"sample_class {sample_class} is not a class of a backbone with num_classes={num_classes}")
+        if num_classes > 0 and sample_class is None:
+            raise ValueError(f"a class-conditional backbone (num_classes={num_classes}) needs sample_class for sampling")
+        self.net = EDMPrecond(backbone, sigma_data)
+        self.net_ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.sigma_sampler = sigma_sampler if sigma_sampler is not None else LogNormal()
+        self.skipped_steps = 0
+        cfg = backbone.config
+        self.image_shape = (int(cfg["in_channels"]), int(cfg["img_resolution"]), int(cfg["img_resolution"]))
+
+    # ------------------------------------------------------------------ training
+    def _per_sample_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.hparams.loss_weighting == "edm":
+            return edm_loss_weight(sigma, self.hparams.sigma_data)
+        if self.hparams.loss_weighting == "eps":
+            return 1.0 / sigma**2
+        return torch.ones_like(sigma)
+
+    def _split_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(batch, (list, tuple)):
+            return batch[0], (batch[1] if len(batch) > 1 else None)
+        return batch, None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        images, labels = self._split_batch(batch)
+        gen = torch.Generator().manual_seed(step_seed(self.hparams.seed + 1, self.global_step, self.global_rank))
+        draw = self.sigma_sampler.sample(images.shape[0], gen)
+        noise = torch.randn(images.shape, generator=gen)
+        sigma = draw.sigma.to(images)
+        noisy = images + noise.to(images) * sigma.reshape(-1, 1, 1, 1)
+        denoised = self.net(noisy, sigma, labels)
+        per_sample = ((denoised - images) ** 2).mean(dim=(1, 2, 3))
+        weights = self._per_sample_weight(sigma) * draw.weight.to(images)
+        loss = (weights * per_sample).mean()
+
+        finite = bool(torch.isfinite(loss))
+        if self.trainer is not None:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            if self.hparams.nan_policy == "raise":
+                raise FloatingPointError(
+                    f"non-finite training loss ({float(loss)}) at global step {self.global_step}; "
+                    "the run is stopped and earlier checkpoints are left untouched. Lower the learning rate, check "
+                    "the data for NaN/inf, or set model.nan_policy=skip to drop such steps."
+                )
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+            return None
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/unweighted_mse", per_sample.mean(), on_step=True, on_epoch=False)
+        self._log_sigma_histogram(draw.sigma)
+        return loss
+
+    def _log_sigma_histogram(self, sigma: torch.Tensor) -> None:
+        """Quantiles of the sampled sigmas as scalars (every logger) and a histogram for W&B / TensorBoard."""
+        if self.trainer is None or not self.trainer.loggers:
+            return
+        if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) != 0:
+            return
+        log_sigma = sigma.double().log()
+        for q in (0.1, 0.5, 0.9):
+            self.log(f"train/log_sigma_q{int(q * 100)}", float(torch.quantile(log_sigma, q)), on_step=True)
+        if self.global_rank != 0:
+            return
+        for logger in self.trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_histogram"):  # TensorBoard
+                experiment.add_histogram("train/log_sigma", log_sigma, self.global_step)
+            elif type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                logger.log_metrics(
+                    {"train/log_sigma_hist": wandb.Histogram(log_sigma.numpy())}, step=self.global_step
+                )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """EDM passes gradients through nan_to_num so one bad element cannot poison the weights."""
+        for p in self.net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if outputs is None:  # skipped step: no optimizer update happened
+            return
+        images, _ = self._split_batch(batch)
+        self.update_ema(global_batch=images.shape[0] * self.trainer.world_size)
+
+    @torch.no_grad()
+    def update_ema(self, global_batch: int) -> None:
+        """EDM's EMA update after an optimizer step (Karras et al. 2022, training loop of App. F)."""
+        images_seen = (self.global_step) * global_batch
+        halflife = self.hparams.ema_halflife_images
+        if self.hparams.ema_rampup_ratio is not None:
+            halflife = min(halflife, images_seen * self.hparams.ema_rampup_ratio)
+        beta = 0.5 ** (global_batch / max(halflife, 1e-8))
+        for p_ema, p in zip(self.net_ema.parameters(), self.net.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - beta)
+        for b_ema, b in zip(self.net_ema.buffers(), self.net.buffers()):
+            b_ema.copy_(b)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.Adam(
+            self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay,
+            fused=fused or None,
+        )
+        if hp.lr_warmup_steps <= 0:
+            return optimizer
+        warmup = hp.lr_warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train(self, mode: bool = True) -> DiffusionModule:
+        super().train(mode)
+        self.net_ema.eval()  # the EMA copy never runs dropout
+        return self
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+    def ema_denoiser(self) -> NetworkDenoiser:
+        """The EMA network as a data-space denoiser (eval mode, no grad, sampling class applied)."""
+        return NetworkDenoiser(self.net_ema, class_label=self.hparams.sample_class)
+
+    def sample(self, num: int, seed: int = 0, batch_size: int = 256, progress: bool = False, **sampler_kwargs: Any):
+        """``num`` images in [-1, 1] from the EMA network with EDM's sampler (per-image seeded noise)."""
+        sampler_kwargs.setdefault("num_steps", self.hparams.sampler_steps)
+        sampler_kwargs.setdefault("solver", self.hparams.sampler_solver)
+        return generate(
+            self.ema_denoiser(), num, self.image_shape, seed=seed, batch_size=batch_size, device=self.device,
+            progress=progress, **sampler_kwargs,
+        )
+
+    def checkpoint_metadata(self) -> dict:
+        cfg = self.net.backbone.config
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "unet": dict(cfg),
+            "sigma_data": float(self.hparams.sigma_data),
+            "image_shape": list(self.image_shape),
+            "num_classes": int(cfg.get("num_classes", 0)),
+            "sample_class": self.hparams.sample_class,
+            "sigma_sampler": self.sigma_sampler.describe(),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["calmwild"] = self.checkpoint_metadata()
+        checkpoint["calmwild_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("calmwild")
+        if meta is None:
+            raise ValueError("this checkpoint was not written by calmwild's DiffusionModule (no 'calmwild' entry)")
+        mine = self.checkpoint_metadata()
+        for key in ("unet", "image_shape", "sigma_data"):
+            if meta.get(key) != mine[key]:
+                raise ValueError(
+                    f"checkpoint does not match the configured model: {key} is {meta.get(key)} in the checkpoint "
+                    f"but {mine[key]} in the config"
+                )
+        self.skipped_steps = int(checkpoint.get("calmwild_skipped_steps", 0))

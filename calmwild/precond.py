@@ -1,0 +1,61 @@
+"""EDM preconditioning (Karras et al. 2022, Table 1; PAPER_NOTES 1) around any backbone, and EDM's loss weight.
+
+D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)) with
+c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2),
+c_noise = ln(sigma) / 4, where sd = sigma_data.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class EDMCoefficients(NamedTuple):
+    c_skip: torch.Tensor
+    c_out: torch.Tensor
+    c_in: torch.Tensor
+    c_noise: torch.Tensor
+
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5) -> EDMCoefficients:
+    """The four EDM preconditioning coefficients for each sigma (same shape as ``sigma``)."""
+    var = sigma**2 + sigma_data**2
+    return EDMCoefficients(
+        c_skip=sigma_data**2 / var,
+        c_out=sigma * sigma_data / var.sqrt(),
+        c_in=1.0 / var.sqrt(),
+        c_noise=sigma.log() / 4.0,
+    )
+
+
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (EDM eq. 8; PAPER_NOTES 1), which makes the effective
+    training target of F unit-variance at every sigma."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+class EDMPrecond(nn.Module):
+    """A denoiser D(x, sigma) in data space built from a raw backbone F(x_in, c_noise, class_labels).
+
+    The backbone must expose ``config`` (its constructor keyword arguments) so that a checkpoint can rebuild it.
+    """
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        self.backbone = backbone
+        self.sigma_data = float(sigma_data)
+
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        c = edm_coefficients(sigma.reshape(-1, 1, 1, 1), self.sigma_data)
+        f = self.backbone(c.c_in * x, c.c_noise.reshape(-1), class_labels)
+        return c.c_skip * x + c.c_out * f.to(x.dtype)
