@@ -5,7 +5,8 @@ datamodule by class path). The analysis commands (``analyze``, ``sample``, ``swa
 functions in :mod:`calmwild.commands`, turned into sub-commands by jsonargparse (``--config`` and
 ``--print_config`` included).
 
-Every fit gets its own run directory ``<trainer.default_root_dir>/run-<timestamp>``, holding ``checkpoints/``,
+Every fit gets its own run directory ``<root>/run-<timestamp>-<id>``, where ``<root>`` is ``trainer.default_root_dir``
+or, when that is unset, ``runs/<name of the last --config file>``. It holds ``checkpoints/``,
 the loggers' files and ``config.yaml``, so no run ever overwrites another's files. Resuming (``--ckpt_path``) reuses
 the directory of the checkpoint; ``--ckpt_path last`` picks the newest run under the root that has a
 ``checkpoints/last.ckpt``.
@@ -68,14 +69,13 @@ class CalmwildSaveConfig(SaveConfigCallback):
 class CalmwildCLI(LightningCLI):
     """LightningCLI with per-run directories, resume into the same directory, and a closing summary."""
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"trainer.default_root_dir": "runs/default"})
-
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
             return
         cfg = self.config[self.subcommand]
-        root = Path(cfg.trainer.default_root_dir or "runs/default")
+        config_files = _as_list(cfg.get("config"))
+        self.run_name = Path(str(config_files[-1])).stem if config_files else "default"
+        root = Path(cfg.trainer.default_root_dir or f"runs/{self.run_name}")
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path == "last":
             run_dir = find_latest_run(root)
@@ -89,11 +89,11 @@ class CalmwildCLI(LightningCLI):
             run_dir = new_run_dir(root)
         self.run_dir = run_dir
         cfg.trainer.default_root_dir = str(run_dir)
-        self._place_loggers(cfg, run_dir)
+        self._place_loggers(cfg, run_dir, self.run_name)
         self._place_checkpoints(cfg, run_dir)
 
     @staticmethod
-    def _place_loggers(cfg: Namespace, run_dir: Path) -> None:
+    def _place_loggers(cfg: Namespace, run_dir: Path, run_name: str) -> None:
         for logger in _as_list(cfg.trainer.logger):
             if not isinstance(logger, Namespace) or "init_args" not in logger:
                 continue
@@ -111,7 +111,7 @@ class CalmwildCLI(LightningCLI):
                     args.id = args.get("id") or uuid.uuid4().hex[:12]
                     id_file.write_text(args.id)
                 if not args.get("name"):
-                    args.name = run_dir.parent.name
+                    args.name = run_name
 
     @staticmethod
     def _place_checkpoints(cfg: Namespace, run_dir: Path) -> None:
@@ -149,8 +149,13 @@ def lightning_main(args: list[str] | None) -> CalmwildCLI:
     )
 
 
-def main(args: list[str] | None = None) -> Any:
+def main(args: list[str] | None = None) -> None:
     """Entry point of the ``calmwild`` console script; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
+    run(args)
+
+
+def run(args: list[str] | None = None) -> Any:
+    """Runs one ``calmwild`` command and returns its result (the LightningCLI object, or the command's report)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
         from jsonargparse import auto_cli

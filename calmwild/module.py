@@ -21,13 +21,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from calmwild.denoisers import NetworkDenoiser
+from calmwild.denoisers import CHECKPOINT_FORMAT_VERSION, NetworkDenoiser
 from calmwild.precond import EDMPrecond, edm_loss_weight
 from calmwild.sampling import generate
 from calmwild.sigma import LogNormal, SigmaSampler
 from calmwild.unet import UNet
 
-CHECKPOINT_FORMAT_VERSION = 1
 _STEP_SEED_STRIDE = 1_000_003  # a prime, so (seed, step, rank) keys do not collide for realistic ranks
 
 
@@ -55,6 +54,9 @@ class DiffusionModule(pl.LightningModule):
         sample_class: class label used when sampling from a class-conditional backbone (dummy-class baseline: 0).
         sampler_steps, sampler_solver: defaults for :meth:`sample` (EDM Heun, 18 steps).
         seed: base seed for sigma, noise and dropout (combined with step and rank).
+        channels_last: keep weights and activations in channels-last memory format (faster convolutions on GPUs).
+        compile: run the training network through ``torch.compile`` (the EMA copy stays eager).
+        Mixed precision is the Trainer's business: ``trainer.precision: bf16-mixed`` autocasts the forward pass.
     """
 
     def __init__(
@@ -75,6 +77,8 @@ class DiffusionModule(pl.LightningModule):
         sampler_steps: int = 18,
         sampler_solver: Literal["heun", "euler"] = "heun",
         seed: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "sigma_sampler"])
@@ -92,17 +96,44 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError(f"sampler_steps must be >= 1, got {sampler_steps}")
         num_classes = int(backbone.config.get("num_classes", 0))
         if sample_class is not None and not 0 <= sample_class < max(num_classes, 1):
-            raise ValueError(f"sample_class {sample_class} is not a class of a backbone with num_classes={num_classes}")
+            raise ValueError(
+                f"sample_class {sample_class} is not a class of a backbone with num_classes={num_classes}"
+            )
         if num_classes > 0 and sample_class is None:
             raise ValueError(f"a class-conditional backbone (num_classes={num_classes}) needs sample_class for sampling")
         self.net = EDMPrecond(backbone, sigma_data)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
         self.net_ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        # Kept out of the module registry (plain attribute) so the state dict has no duplicate keys.
+        self.__dict__["_train_forward"] = torch.compile(self.net) if compile else self.net
         self.sigma_sampler = sigma_sampler if sigma_sampler is not None else LogNormal()
         self.skipped_steps = 0
         cfg = backbone.config
         self.image_shape = (int(cfg["in_channels"]), int(cfg["img_resolution"]), int(cfg["img_resolution"]))
 
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        """Data-dependent samplers (e.g. ``DangerZoneGap``) are prepared once on rank 0 and broadcast."""
+        if stage != "fit" or type(self.sigma_sampler).prepare is SigmaSampler.prepare:
+            return
+        datamodule = self.trainer.datamodule
+        record = None
+        if self.global_rank == 0:
+            record = self.sigma_sampler.prepare(datamodule.train_images, datamodule.heldout_images)
+            record = {"record": record, "state": self.sigma_sampler.state_dict()}
+        record = self.trainer.strategy.broadcast(record, src=0)
+        self.sigma_sampler.load_state_dict(record["state"])
+        self.sigma_sampler_record = record["record"]
+        if self.global_rank == 0:
+            print(f"calmwild: sigma sampler prepared from the data: {self.sigma_sampler.describe()}", flush=True)
+
+    def on_fit_start(self) -> None:
+        record = getattr(self, "sigma_sampler_record", None)
+        if record is not None:
+            for logger in self.trainer.loggers:
+                logger.log_hyperparams({"sigma_sampler": self.sigma_sampler.describe()})
+
     def _per_sample_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.hparams.loss_weighting == "edm":
             return edm_loss_weight(sigma, self.hparams.sigma_data)
@@ -125,7 +156,9 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.randn(images.shape, generator=gen)
         sigma = draw.sigma.to(images)
         noisy = images + noise.to(images) * sigma.reshape(-1, 1, 1, 1)
-        denoised = self.net(noisy, sigma, labels)
+        if self.hparams.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        denoised = self._train_forward(noisy, sigma, labels)
         per_sample = ((denoised - images) ** 2).mean(dim=(1, 2, 3))
         weights = self._per_sample_weight(sigma) * draw.weight.to(images)
         loss = (weights * per_sample).mean()
@@ -136,7 +169,7 @@ class DiffusionModule(pl.LightningModule):
         if not finite:
             if self.hparams.nan_policy == "raise":
                 raise FloatingPointError(
-                    f"non-finite training loss ({float(loss)}) at global step {self.global_step}; "
+                    f"non-finite training loss ({float(loss.detach())}) at global step {self.global_step}; "
                     "the run is stopped and earlier checkpoints are left untouched. Lower the learning rate, check "
                     "the data for NaN/inf, or set model.nan_policy=skip to drop such steps."
                 )
@@ -242,6 +275,7 @@ class DiffusionModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["calmwild"] = self.checkpoint_metadata()
         checkpoint["calmwild_skipped_steps"] = self.skipped_steps
+        checkpoint["calmwild_sigma_sampler_state"] = self.sigma_sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("calmwild")
@@ -255,3 +289,6 @@ class DiffusionModule(pl.LightningModule):
                     f"but {mine[key]} in the config"
                 )
         self.skipped_steps = int(checkpoint.get("calmwild_skipped_steps", 0))
+        sampler_state = checkpoint.get("calmwild_sigma_sampler_state")
+        if sampler_state:
+            self.sigma_sampler.load_state_dict(sampler_state)

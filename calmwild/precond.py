@@ -20,8 +20,9 @@ class EDMCoefficients(NamedTuple):
     c_noise: torch.Tensor
 
 
-def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5) -> EDMCoefficients:
+def edm_coefficients(sigma: torch.Tensor | float, sigma_data: float = 0.5) -> EDMCoefficients:
     """The four EDM preconditioning coefficients for each sigma (same shape as ``sigma``)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.get_default_dtype()) if not torch.is_tensor(sigma) else sigma
     var = sigma**2 + sigma_data**2
     return EDMCoefficients(
         c_skip=sigma_data**2 / var,
@@ -53,9 +54,15 @@ class EDMPrecond(nn.Module):
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        # Coefficients in float32 at least, whatever the input dtype (bf16 inputs would round c_noise badly).
+        coef_dtype = torch.promote_types(x.dtype, torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=coef_dtype, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
+        if sigma.shape != (x.shape[0],):
+            raise ValueError(f"sigma must be a scalar or have shape [{x.shape[0]}], got {tuple(sigma.shape)}")
+        if not torch.compiler.is_compiling() and x.device.type == "cpu" and bool((sigma <= 0).any()):
+            raise ValueError(f"sigma must be positive, got min {float(sigma.min())}")
         c = edm_coefficients(sigma.reshape(-1, 1, 1, 1), self.sigma_data)
-        f = self.backbone(c.c_in * x, c.c_noise.reshape(-1), class_labels)
-        return c.c_skip * x + c.c_out * f.to(x.dtype)
+        f = self.backbone((c.c_in * x).to(x.dtype), c.c_noise.reshape(-1), class_labels)
+        return (c.c_skip * x + c.c_out * f).to(x.dtype)

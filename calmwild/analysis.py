@@ -1,0 +1,238 @@
+"""The dataset-only geometry report (paper Section 4, Fig. 3 / Fig. 8): posterior weight and shell coverage along
+the noise schedule, Theorem 4.8's bounds, Theorem 4.2's thresholds and the danger zone -- computed before any
+training -- written as ``geometry.json`` (stable keys, :data:`calmwild.geometry.GEOMETRY_KEYS`) and
+``geometry.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+from calmwild.geometry import (
+    GEOMETRY_KEYS,
+    GeometryResult,
+    concentration_thresholds,
+    coverage_bounds,
+    danger_zone,
+    posterior_weight_curves,
+    shell_coverage,
+    shell_probability_bound,
+    shell_radii,
+)
+from calmwild.neighbors import flatten
+from calmwild.outputs import write_json
+from calmwild.schedule import edm_sigma_steps, timestep_to_sigma
+
+REPORT_FILES = ("geometry.json", "geometry.png")
+
+
+def _grid(sigmas: Sequence[float] | torch.Tensor | None) -> torch.Tensor:
+    """The sigma grid, ascending: by default EDM's 40-step schedule (App. E.2: sigma_min 0.002, sigma_max 80)."""
+    if sigmas is None:
+        return edm_sigma_steps(40).flip(0)
+    grid = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().reshape(-1).sort().values
+    if grid.numel() < 2 or not torch.all(torch.isfinite(grid) & (grid > 0)) or torch.any(grid.diff() == 0):
+        raise ValueError(f"sigmas must hold at least 2 distinct finite positive levels, got {grid.tolist()}")
+    return grid
+
+
+def analyze_geometry(
+    train: torch.Tensor,
+    heldout: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor | None = None,
+    num_points: int = 100,
+    num_noises: int = 100,
+    num_queries: int = 500,
+    num_coverage_noises: int = 20,
+    num_pairs: int = 10_000,
+    num_threshold_points: int = 20,
+    t: float = 5.0,
+    eps: float = 0.05,
+    delta: float = 0.05,
+    weight_level: float = 0.5,
+    coverage_level: float = 0.5,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    chunk_size: int = 4096,
+    batch_size: int = 1024,
+    T: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The full geometry report of a training set and a held-out set from the same distribution ([N, ...] tensors,
+    e.g. images in [-1, 1]); returns :meth:`GeometryResult.to_dict` (keys :data:`~calmwild.geometry.GEOMETRY_KEYS`).
+
+    - max / self posterior weight (Def. 4.1, Fig. 7): ``num_points`` training base points x ``num_noises`` noises;
+    - coverage C_sigma (Def. 4.6): ``num_queries`` held-out points x ``num_coverage_noises`` noises;
+    - Theorem 4.8 bounds: lower over all held-out points, upper over ``num_pairs`` held-out/training pairs;
+    - Theorem 4.2 thresholds (eps, delta) for ``num_threshold_points`` random training points (the paper used 20);
+    - the danger zone at (``weight_level``, ``coverage_level``), in sigma and in DDPM timesteps (T, beta_*).
+
+    ``sigmas`` defaults to EDM's 40-level schedule (App. E.2); any grid is sorted ascending. Work runs on ``device``
+    (default: where ``train`` lives) in float32 unless the inputs are float64. The four random parts use seeds
+    seed, seed + 1, seed + 2, seed + 3 so their noises are independent.
+    """
+    grid = _grid(sigmas)
+    for name, x in (("train", train), ("heldout", heldout)):
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty tensor [N, ...], got {getattr(x, 'shape', type(x))}")
+    if train.shape[1:] != heldout.shape[1:]:
+        raise ValueError(f"train items have shape {tuple(train.shape[1:])} but heldout {tuple(heldout.shape[1:])}")
+    if num_threshold_points < 1:
+        raise ValueError(f"num_threshold_points must be >= 1, got {num_threshold_points}")
+    dtype = torch.float64 if train.dtype == torch.float64 else torch.float32
+    target = torch.device(device) if device is not None else train.device
+    y = flatten(train).to(device=target, dtype=dtype)
+    h = flatten(heldout).to(device=target, dtype=dtype)
+    n, dim = y.shape
+
+    weights = posterior_weight_curves(
+        y, grid, num_points, num_noises, seed=seed, chunk_size=chunk_size, batch_size=batch_size, progress=progress
+    )
+    coverage = shell_coverage(
+        y, h, grid, num_queries, num_coverage_noises, t=t, seed=seed + 1, chunk_size=chunk_size,
+        batch_size=batch_size, progress=progress,
+    )
+    bounds = coverage_bounds(y, h, grid, t=t, num_pairs=num_pairs, seed=seed + 2)
+    picks = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 3))[: min(num_threshold_points, n)]
+    thresholds = concentration_thresholds(y, picks, eps=eps, delta=delta, chunk_size=chunk_size)
+    danger = danger_zone(
+        grid, weights.max_weight, coverage.coverage, weight_level, coverage_level, T, beta_start, beta_end
+    )
+    r_minus, r_plus = shell_radii(dim, t)
+    settings = {
+        "t": float(t),
+        "shell_radii": {"r_minus": r_minus, "r_plus": r_plus, "r_minus_clipped": dim - 2.0 * (dim * t) ** 0.5 < 0},
+        "shell_probability_bound": shell_probability_bound(t),
+        "eps": float(eps),
+        "delta": float(delta),
+        "weight_level": float(weight_level),
+        "coverage_level": float(coverage_level),
+        "seed": int(seed),
+        "num_points": weights.num_points,
+        "num_noises": weights.num_noises,
+        "num_queries": coverage.num_queries,
+        "num_coverage_noises": coverage.num_noises,
+        "num_bound_queries": bounds.num_queries,
+        "num_pairs": bounds.num_pairs,
+        "num_threshold_points": int(picks.numel()),
+        "sigma_grid": "edm_sigma_steps(40)" if sigmas is None else "given",
+        "device": str(target),
+        "dtype": str(dtype).replace("torch.", ""),
+        "ddpm": {"T": int(T), "beta_start": float(beta_start), "beta_end": float(beta_end)},
+    }
+    dataset = {"num_train": int(n), "num_heldout": int(h.shape[0]), "dim": int(dim)}
+    return GeometryResult(dataset, settings, weights, coverage, bounds, thresholds, danger).to_dict()
+
+
+def _check_report(report: dict[str, Any] | GeometryResult) -> dict[str, Any]:
+    if isinstance(report, GeometryResult):
+        return report.to_dict()
+    if not isinstance(report, dict):
+        raise TypeError(f"expected the dict returned by analyze_geometry, got {type(report).__name__}")
+    missing = [key for key in GEOMETRY_KEYS if key not in report]
+    if missing:
+        raise ValueError(f"not a geometry report: missing keys {missing}")
+    return report
+
+
+def _band(ax: Any, sig: np.ndarray, mean: list, se: list, color: str, label: str) -> None:
+    """A curve with its +-2 standard-error band (NaN errors drawn as no band)."""
+    m = np.asarray(mean, dtype=float)
+    s = np.nan_to_num(np.asarray([np.nan if v is None else v for v in se], dtype=float))
+    ax.plot(sig, m, color=color, lw=2, label=label)
+    ax.fill_between(sig, np.clip(m - 2 * s, 0, 1), np.clip(m + 2 * s, 0, 1), color=color, alpha=0.25, lw=0)
+
+
+def plot_geometry(report: dict[str, Any] | GeometryResult) -> Figure:
+    """The paper's Figure 3 layout for a geometry report: max posterior weight and coverage (+-2 SE bands) against
+    sigma (log axis), Theorem 4.8's bounds dashed, the danger zone shaded, Theorem 4.2's mean thresholds as
+    vertical lines, and DDPM timesteps on the top axis."""
+    report = _check_report(report)
+    sig = np.asarray(report["sigmas"], dtype=float)
+    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_xscale("log")
+    zone = report["danger_zone"]
+    if not zone["empty"]:
+        lo, hi = zone["sigma"]
+        t_lo, t_hi = zone["timesteps"]
+        label = f"danger zone (σ {lo:.3g}-{hi:.3g}; t {t_lo:.0f}-{t_hi:.0f})"
+        ax.axvspan(lo, hi, color="red", alpha=0.15, lw=0, label=label)
+    _band(ax, sig, report["max_weight"]["mean"], report["max_weight"]["se"], "C0", "max posterior weight m(σ)")
+    ax.plot(sig, report["self_weight"]["mean"], color="C0", lw=1, ls=":", label="self weight")
+    _band(ax, sig, report["coverage"]["mean"], report["coverage"]["se"], "C1", "shell coverage C(σ)")
+    bounds = report["coverage_bounds"]
+    ax.plot(sig, bounds["lower"]["mean"], color="C2", ls="--", lw=1.2, label="Thm 4.8 lower bound")
+    ax.plot(sig, bounds["upper"]["mean"], color="C3", ls="--", lw=1.2, label="Thm 4.8 upper bound")
+    levels = {zone["weight_level"], zone["coverage_level"]}
+    for level in levels:
+        ax.axhline(level, color="gray", lw=0.6, ls="-", alpha=0.5)
+    crossing = zone["crossing"]
+    if crossing["sigma"] is not None:
+        ax.plot([crossing["sigma"]], [crossing["level"]], "kx", ms=8, label=f"intersection σ={crossing['sigma']:.3g}")
+    summary = report["thresholds"]["summary"]
+    for name, color, style, text in (
+        ("sigma_lo", "tab:purple", "-.", "Thm 4.2 σ_lo (mean)"),
+        ("sigma_hi", "tab:brown", ":", "Thm 4.2 σ_hi (mean)"),
+    ):
+        value = summary[name]["mean"]
+        if value is not None:
+            ax.axvline(value, color=color, ls=style, lw=1.5, label=f"{text} = {value:.3g}")
+    if zone["empty"]:
+        ax.plot(
+            [], [], " ",
+            label=f"no danger zone at weight ≥ {zone['weight_level']:g}, coverage ≥ {zone['coverage_level']:g}\n"
+            f"(highest joint level {zone['max_joint_level']:.3f})",
+        )
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("σ (EDM noise level)")
+    ax.set_ylabel("weight / probability")
+    data = report["dataset"]
+    ax.set_title(f"Posterior weight and Gaussian-shell coverage (N={data['num_train']}, d={data['dim']})", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+    ddpm = report["settings"]["ddpm"]
+    top = ax.twiny()
+    top.set_xscale("log")
+    top.set_xlim(ax.get_xlim())
+    steps = [s for s in (1, 10, 25, 50, 100, 200, 300, 400, 500, 700, 1000) if s <= ddpm["T"]]
+    at = timestep_to_sigma(torch.tensor(steps, dtype=torch.float64), **ddpm).numpy()
+    inside = (at >= min(ax.get_xlim())) & (at <= max(ax.get_xlim()))
+    top.set_xticks(at[inside])
+    top.set_xticklabels([str(s) for s, keep in zip(steps, inside) if keep], fontsize=7)
+    top.xaxis.set_minor_locator(NullLocator())
+    top.set_xlabel(f"DDPM timestep (T={ddpm['T']}, linear β)", fontsize=8)
+    return fig
+
+
+def write_geometry_report(
+    report: dict[str, Any] | GeometryResult, out_dir: str | Path, overwrite: bool = False
+) -> dict[str, Path]:
+    """Writes ``geometry.json`` (the report, NaN/inf as null) and ``geometry.png`` (:func:`plot_geometry`) into
+    ``out_dir`` (created if needed). Refuses with FileExistsError when either file is already there, unless
+    ``overwrite`` -- results of another run are never silently replaced. Returns {"json": path, "png": path}."""
+    report = _check_report(report)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output path {out} exists and is not a directory")
+    existing = [name for name in REPORT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {', '.join(existing)} from another run; "
+            "choose a fresh directory or pass overwrite=True"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = write_json(report, out / "geometry.json")
+    png_path = out / "geometry.png"
+    fig = plot_geometry(report)
+    fig.savefig(png_path, dpi=150)
+    return {"json": json_path, "png": png_path}

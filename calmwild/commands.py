@@ -1,0 +1,238 @@
+"""The analysis sub-commands of ``calmwild``: ``sample``, ``swap``, ``evaluate`` and ``analyze``.
+
+Each is a typed function; jsonargparse turns its signature and docstring into the command line (``--config``
+and ``--print_config`` included). Each writes into a fresh output directory: the tensors, PNG grids, and one JSON
+file with the settings and results (stable keys).
+
+Denoiser specs (``--ckpt``, ``--base``, ``--other``): a calmwild checkpoint path (its EMA weights are used),
+``empirical`` (the empirical optimal denoiser of the training set, eqs. 2-3) or ``gaussian`` (the Gaussian-linear
+denoiser fitted to the training set, eq. 7); the last two need ``--data``.
+
+Data specs (``--data``): a fit config (its ``data:`` section is used), a YAML file holding ``class_path`` and
+``init_args``, or a bare class path such as ``calmwild.data.DigitsDataModule`` (default arguments).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+
+from calmwild.data import InMemoryImageDataModule
+from calmwild.denoisers import (
+    SWAP_PRESETS,
+    Denoiser,
+    EmpiricalDenoiser,
+    GaussianDenoiser,
+    SwapDenoiser,
+    check_compatible,
+    load_denoiser,
+)
+from calmwild.images import image_grid, pair_grid, save_png
+from calmwild.memorization import ratio_test
+from calmwild.outputs import prepare_output_dir, write_json
+from calmwild.sampling import generate
+
+CLOSED_FORM_DENOISERS = ("empirical", "gaussian")
+
+
+def load_datamodule(spec: str) -> InMemoryImageDataModule:
+    """Builds and sets up the datamodule named by ``spec`` (see the module docstring)."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {spec}: no such file")
+        content = yaml.safe_load(path.read_text()) or {}
+        section = content.get("data", content) if isinstance(content, dict) else None
+        if isinstance(section, str):  # a fit config that includes its data section by path
+            section = yaml.safe_load((path.parent / section).read_text())
+        if not isinstance(section, dict) or "class_path" not in section:
+            raise ValueError(f"--data {spec}: expected a fit config with a data section, or class_path/init_args")
+    else:
+        section = {"class_path": spec}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(InMemoryImageDataModule, "data", required=True)
+    cfg = parser.parse_object({"data": section})
+    datamodule = parser.instantiate_classes(cfg).data
+    datamodule.setup("fit")
+    return datamodule
+
+
+def resolve_denoiser(spec: str, datamodule: InMemoryImageDataModule | None, device: str) -> Denoiser:
+    """A checkpoint path, or ``empirical`` / ``gaussian`` built from the datamodule's training set."""
+    if spec in CLOSED_FORM_DENOISERS:
+        if datamodule is None:
+            raise ValueError(f"the {spec!r} denoiser is built from a training set: pass --data")
+        train = datamodule.train_images.to(device)
+        return EmpiricalDenoiser(train) if spec == "empirical" else GaussianDenoiser.fit(train)
+    return load_denoiser(spec, device=device)
+
+
+def _image_shape(denoiser: Denoiser, datamodule: InMemoryImageDataModule | None) -> tuple[int, int, int]:
+    shape = getattr(denoiser, "image_shape", None)
+    if shape is None and datamodule is not None:
+        shape = datamodule.image_shape
+    if shape is None:
+        raise ValueError("cannot tell the image shape: give a checkpoint or --data")
+    if datamodule is not None and tuple(datamodule.image_shape) != tuple(shape):
+        raise ValueError(
+            f"the denoiser works on images of shape {tuple(shape)} but the data has shape "
+            f"{tuple(datamodule.image_shape)}"
+        )
+    return tuple(int(s) for s in shape)
+
+
+def _sample_and_report(
+    denoiser: Denoiser,
+    datamodule: InMemoryImageDataModule | None,
+    out: Path,
+    settings: dict,
+    num: int,
+    batch_size: int,
+    seed: int,
+    steps: int,
+    solver: str,
+    s_churn: float,
+    device: str,
+    threshold: float,
+) -> dict:
+    """Generates, writes samples (tensor + grid) and, with data, the trajectory memorization (ratio test)."""
+    shape = _image_shape(denoiser, datamodule)
+    start = time.perf_counter()
+    samples = generate(
+        denoiser, num, shape, seed=seed, batch_size=batch_size, device=device, num_steps=steps, solver=solver,
+        s_churn=s_churn,
+    )
+    report: dict[str, Any] = {**settings, "num_samples": num, "image_shape": list(shape),
+                              "sampling_seconds": time.perf_counter() - start}
+    torch.save(samples, out / "samples.pt")
+    save_png(image_grid(samples[:256]), out / "samples.png")
+    report["files"] = {"samples": "samples.pt", "grid": "samples.png"}
+    if datamodule is not None:
+        train = datamodule.train_images
+        result = ratio_test(samples, train, threshold=threshold)
+        rate = float(result.memorized.float().mean())
+        report["memorization"] = {
+            "threshold": threshold,
+            "rate": rate,
+            "stderr": (rate * (1 - rate) / num) ** 0.5,
+            "num_memorized": int(result.memorized.sum()),
+            "train_size": int(train.shape[0]),
+        }
+        shown = slice(0, min(num, 64))
+        save_png(pair_grid(samples[shown], train[result.nearest_index[shown]], result.memorized[shown]),
+                 out / "nearest_pairs.png")
+        report["files"]["nearest_pairs"] = "nearest_pairs.png"
+        write_json({"ratio": result.ratio, "nearest_index": result.nearest_index, "memorized": result.memorized},
+                   out / "per_sample.json")
+        report["files"]["per_sample"] = "per_sample.json"
+    return report
+
+
+def sample(
+    out: Path,
+    ckpt: str = "empirical",
+    data: str | None = None,
+    num: int = 64,
+    batch_size: int = 256,
+    seed: int = 0,
+    steps: int = 18,
+    solver: Literal["heun", "euler"] = "heun",
+    s_churn: float = 0.0,
+    device: str = "cpu",
+    threshold: float = 1 / 3,
+    overwrite: bool = False,
+) -> dict:
+    """Generate samples with EDM's sampler from a checkpoint or a closed-form denoiser.
+
+    Writes samples.pt, samples.png and sample.json into ``out``; with ``--data``, also the trajectory
+    memorization rate (d1/d2 < threshold against the training set) and a grid of samples beside their nearest
+    training images.
+
+    Args:
+        out: output directory (must be new or empty unless --overwrite).
+        ckpt: checkpoint path, or ``empirical`` / ``gaussian``.
+        data: data spec (fit config, class_path YAML, or class path); needed for closed-form denoisers.
+        num: number of samples.
+        batch_size: samples per sampler batch.
+        seed: sample i starts from noise seeded with seed + i.
+        steps: sampler steps (EDM default 18).
+        solver: heun (2nd order, 2 evaluations per step) or euler.
+        s_churn: EDM stochasticity (0 = deterministic ODE).
+        device: torch device, e.g. cpu or cuda.
+        threshold: ratio-test threshold in (0, 1).
+        overwrite: allow writing into a non-empty directory.
+    """
+    out = prepare_output_dir(out, overwrite)
+    datamodule = load_datamodule(data) if data else None
+    denoiser = resolve_denoiser(ckpt, datamodule, device)
+    settings = {"command": "sample", "denoiser": ckpt, "data": data, "seed": seed, "steps": steps,
+                "solver": solver, "s_churn": s_churn, "device": device}
+    report = _sample_and_report(denoiser, datamodule, out, settings, num, batch_size, seed, steps, solver, s_churn,
+                                device, threshold)
+    write_json(report, out / "sample.json")
+    return report
+
+
+def swap(
+    out: Path,
+    base: str,
+    other: str,
+    band: Literal["large", "medium", "small"] | None = "medium",
+    sigma_bands: list[tuple[float, float]] | None = None,
+    data: str | None = None,
+    num: int = 64,
+    batch_size: int = 256,
+    seed: int = 0,
+    steps: int = 18,
+    solver: Literal["heun", "euler"] = "heun",
+    s_churn: float = 0.0,
+    device: str = "cpu",
+    threshold: float = 1 / 3,
+    overwrite: bool = False,
+) -> dict:
+    """Sample with a hybrid denoiser: ``other`` inside the band(s), ``base`` elsewhere (paper Table 1).
+
+    ``band`` names one of the paper's regions of EDM's 18-step schedule (1-based steps: large 1-6, medium 7-13,
+    small 14-18); ``sigma_bands`` gives explicit [low, high] sigma bands instead. With ``--data`` the trajectory
+    memorization rate is reported. Writes samples.pt, samples.png, swap.json.
+
+    Args:
+        out: output directory (must be new or empty unless --overwrite).
+        base: denoiser used outside the bands (checkpoint path, empirical or gaussian).
+        other: denoiser used inside the bands.
+        band: preset region (ignored when sigma_bands is given).
+        sigma_bands: explicit sigma bands [[low, high], ...].
+        data: data spec (see calmwild.commands); enables the memorization rate.
+        num: number of samples.
+        batch_size: samples per sampler batch.
+        seed: sample i starts from noise seeded with seed + i.
+        steps: sampler steps.
+        solver: heun or euler.
+        s_churn: EDM stochasticity.
+        device: torch device.
+        threshold: ratio-test threshold in (0, 1).
+        overwrite: allow writing into a non-empty directory.
+    """
+    if sigma_bands is None and band is None:
+        raise ValueError(f"give --band (one of {sorted(SWAP_PRESETS)}) or --sigma_bands")
+    out = prepare_output_dir(out, overwrite)
+    datamodule = load_datamodule(data) if data else None
+    base_d = resolve_denoiser(base, datamodule, device)
+    other_d = resolve_denoiser(other, datamodule, device)
+    check_compatible(base_d, other_d)
+    hybrid = SwapDenoiser(base_d, other_d, sigma_bands if sigma_bands is not None else band)
+    settings = {"command": "swap", "base": base, "other": other, "band": None if sigma_bands else band,
+                "sigma_bands": hybrid.bands, "data": data, "seed": seed, "steps": steps, "solver": solver,
+                "s_churn": s_churn, "device": device}
+    report = _sample_and_report(hybrid, datamodule, out, settings, num, batch_size, seed, steps, solver, s_churn,
+                                device, threshold)
+    write_json(report, out / "swap.json")
+    return report
+
+
+COMMANDS = {"sample": sample, "swap": swap}

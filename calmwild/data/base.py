@@ -1,0 +1,265 @@
+"""The shared machinery of every calmwild datamodule: images held in memory, validated once, served in seeded order.
+
+A subclass implements only :meth:`InMemoryImageDataModule.load` (and :meth:`~InMemoryImageDataModule.origin`);
+checks, the dataloader, the description and the checkpoint fingerprint live here once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+from calmwild.data.convert import content_hash
+
+LoadedImages = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def check_count(name: str, value: int | None, allow_none: bool = False, minimum: int = 1) -> None:
+    """A count argument must be an int >= ``minimum`` (or None where allowed); TypeError/ValueError naming it."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_subset(name: str, requested: int, available: int, where: str) -> None:
+    """A subset of ``requested`` images cannot be taken from ``available``: ValueError naming both numbers."""
+    if requested > available:
+        raise ValueError(f"{name} = {requested} exceeds the {available} images available in {where}")
+
+
+class EpochSeededSampler(RandomSampler):
+    """A random permutation per epoch drawn from a generator seeded with (seed, epoch) only.
+
+    Lightning calls ``set_epoch`` at the start of every training epoch, so the order of epoch e is the same whether
+    the run went through uninterrupted or was resumed from a checkpoint saved at an epoch boundary. (A mid-epoch
+    resume restarts that epoch's permutation from its beginning.) Under DDP Lightning replaces any RandomSampler by
+    its DistributedSampler, which is seeded with the global seed and the epoch in the same way."""
+
+    def __init__(self, data_source: TensorDataset, seed: int = 0):
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        # numpy's SeedSequence hashes the pair (seed, epoch) into the full PCG64 state; torch's CPU generator would keep
+        # only 32 bits of a combined integer seed, so different (seed, epoch) pairs could share a permutation.
+        yield from np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data_source)).tolist()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+class InMemoryImageDataModule(LightningDataModule, ABC):
+    """A datamodule whose images live in memory as tensors (memorization studies use 1k-50k small images).
+
+    After :meth:`setup`:
+
+    - ``train_images`` / ``heldout_images``: float32 CPU [N, C, H, W] in [-1, 1]; memorization is measured against
+      ``train_images``, FID and generalisation against ``heldout_images``;
+    - ``train_labels``: long [N] aligned with ``train_images`` for class-conditional training, else None;
+    - ``served_images`` / ``served_labels``: what the training dataloader serves (the training set itself, except
+      for wrappers such as :class:`~calmwild.data.dummy.DummyClassDataModule`);
+    - ``image_shape`` (C, H, W), ``num_classes`` (0 when unconditional), ``sample_class`` (None unless the data
+      prescribes the class to sample) and :meth:`describe`.
+
+    The training dataloader yields ``[images]`` or ``[images, labels]`` batches of exactly ``batch_size`` (drop_last,
+    as EDM's loss expects a fixed batch) in an order fixed by ``seed`` and the epoch (:class:`EpochSeededSampler`).
+
+    Args:
+        batch_size: images per training batch (per device); must not exceed the number of served training images.
+        num_workers: dataloader worker processes; 0 (default) serves from the main process, which is fastest for
+            in-memory tensors. Workers are kept alive between epochs when > 0.
+        seed: seed of the per-epoch shuffling order.
+        pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+    """
+
+    def __init__(self, batch_size: int = 512, num_workers: int = 0, seed: int = 0, pin_memory: bool = False):
+        super().__init__()
+        check_count("batch_size", batch_size)
+        check_count("num_workers", num_workers, minimum=0)
+        check_count("seed", seed, minimum=0)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.pin_memory = bool(pin_memory)
+        self.num_classes = 0
+        self.sample_class: int | None = None
+        self._train: torch.Tensor | None = None
+        self._heldout: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+        self._hashes: dict[str, str] = {}
+        # hparams = constructor arguments of the concrete class (saved in checkpoints, reported by describe());
+        # a wrapped datamodule ("base") is described by its own describe(), never pickled into hparams.
+        self.save_hyperparameters(ignore=["base"])
+
+    # ----- to implement -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def load(self) -> LoadedImages:
+        """Returns (train_images, heldout_images, train_labels or None), images float32 [N, C, H, W] in [-1, 1]."""
+
+    @abstractmethod
+    def origin(self) -> str:
+        """Where the images come from (a path or a package function), for :meth:`describe`."""
+
+    # ----- lifecycle ----------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Loads and validates the images once (later calls, e.g. for another stage, reuse them)."""
+        if self._train is not None:
+            return
+        train, heldout, labels = self.load()
+        train = _checked_images(train, "training")
+        heldout = _checked_images(heldout, "held-out")
+        if train.shape[1:] != heldout.shape[1:]:
+            raise ValueError(
+                f"training images {tuple(train.shape[1:])} and held-out images {tuple(heldout.shape[1:])} "
+                "differ in shape"
+            )
+        if labels is not None:
+            labels = _checked_labels(labels, len(train))
+        self._train, self._heldout, self._labels = train, heldout, labels
+
+    def _require_setup(self) -> None:
+        if self._train is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before using its images")
+
+    # ----- data ---------------------------------------------------------------------------------------------------
+    @property
+    def train_images(self) -> torch.Tensor:
+        self._require_setup()
+        return self._train
+
+    @property
+    def heldout_images(self) -> torch.Tensor:
+        self._require_setup()
+        return self._heldout
+
+    @property
+    def train_labels(self) -> torch.Tensor | None:
+        self._require_setup()
+        return self._labels
+
+    @property
+    def served_images(self) -> torch.Tensor:
+        return self.train_images
+
+    @property
+    def served_labels(self) -> torch.Tensor | None:
+        return self.train_labels
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches of exactly ``batch_size`` served images (and labels), shuffled per epoch; the last partial batch is
+        dropped, so ``batch_size`` may not exceed the number of served images (ValueError naming both)."""
+        served = len(self.served_images)
+        if self.batch_size > served:
+            raise ValueError(
+                f"batch_size={self.batch_size} exceeds the {served} training images served; with drop_last there "
+                "would be no batch at all: lower batch_size or use more training images"
+            )
+        tensors = [self.served_images] if self.served_labels is None else [self.served_images, self.served_labels]
+        dataset = TensorDataset(*tensors)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSeededSampler(dataset, seed=self.seed),
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    # ----- provenance ---------------------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        """JSON-able record of the data: class, source, constructor settings, sizes, shapes and content hashes
+        (:func:`~calmwild.data.convert.content_hash` of the uint8-quantised images)."""
+        self._require_setup()
+        return {
+            "name": type(self).__name__,
+            "source": self.origin(),
+            "settings": _jsonable({k: v for k, v in self.hparams.items() if not k.startswith("_")}),
+            "image_shape": list(self.image_shape),
+            "train_size": len(self.train_images),
+            "heldout_size": len(self.heldout_images),
+            "served_size": len(self.served_images),
+            "num_classes": self.num_classes,
+            "sample_class": self.sample_class,
+            "train_hash": self.cached_hash("train", self.train_images),
+            "heldout_hash": self.cached_hash("heldout", self.heldout_images),
+        }
+
+    def cached_hash(self, key: str, images: torch.Tensor) -> str:
+        """:func:`~calmwild.data.convert.content_hash` of a set that is fixed after setup, computed once (checkpoints
+        call :meth:`describe` at every save)."""
+        if key not in self._hashes:
+            self._hashes[key] = content_hash(images)
+        return self._hashes[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stored in checkpoints: the description, so a checkpoint records exactly which images it was trained on."""
+        return {"describe": self.describe()} if self._train is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume, warns when the training set differs from the one the checkpoint was trained on."""
+        saved = state_dict.get("describe", {}).get("train_hash")
+        if saved is None or self._train is None:
+            return
+        current = self.cached_hash("train", self.train_images)
+        if saved != current:
+            warnings.warn(
+                f"{type(self).__name__}: the checkpoint was trained on a training set with hash {saved}, the data "
+                f"now loaded hashes to {current}: memorization results will refer to "
+                "the new set",
+                stacklevel=2,
+            )
+
+
+def _checked_images(images: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        got = f"a tensor of dtype {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"{what} images must be a float tensor [N, C, H, W], got {got}")
+    if images.ndim != 4:
+        raise ValueError(f"{what} images must have shape [N, C, H, W], got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError(f"the {what} set is empty: at least one image is needed")
+    finite = torch.isfinite(images)
+    if not finite.all():
+        raise ValueError(f"{int((~finite).sum())} NaN/inf pixel values in the {what} images")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1.0 - 1e-5 or hi > 1.0 + 1e-5:
+        raise ValueError(f"{what} images must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    return images.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _checked_labels(labels: torch.Tensor, count: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"train_labels must be an integer tensor [N], got {labels!r:.80}")
+    if labels.shape != (count,):
+        raise ValueError(f"train_labels must have shape [{count}] (one per training image), got {tuple(labels.shape)}")
+    if int(labels.min()) < 0:
+        raise ValueError(f"train_labels must be non-negative class indices, got minimum {int(labels.min())}")
+    return labels.to(device="cpu", dtype=torch.long).contiguous()

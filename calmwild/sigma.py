@@ -1,0 +1,499 @@
+"""SigmaSampler plugins: the distribution of training noise levels p(sigma) of the loss (paper eq. 1).
+
+- :class:`LogNormal`: EDM's ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022; PAPER_NOTES 1).
+- :class:`DDPMUniform`: t ~ U{1..T}, sigma = sigma_t of the linear-beta DDPM schedule (PAPER_NOTES 4).
+- :class:`Gap`: the base distribution with closed sigma bands removed and the rest renormalised (paper Section 5).
+- :class:`Reweighted`: the base distribution with the loss inside bands multiplied by a factor in [0, 1].
+- :class:`DangerZoneGap`: a Gap whose band is the dataset's danger zone, computed from the data at setup.
+
+Every sampler draws by inverse transform from one uniform per sample, so a Gap samples exactly from the
+renormalised distribution with no rejection loop. Samplers hold no random state: the caller passes a seeded
+``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Literal, NamedTuple
+
+import torch
+
+from calmwild.schedule import ddpm_sigmas, sigma_to_timestep, timestep_to_sigma
+
+Unit = Literal["sigma", "timestep"]
+
+
+class SigmaDraw(NamedTuple):
+    """Noise levels [n] and the extra per-sample loss factor [n] (1 except under :class:`Reweighted`)."""
+
+    sigma: torch.Tensor
+    weight: torch.Tensor
+
+
+class SigmaSampler(ABC):
+    """A distribution of positive noise levels, sampled by inverse transform."""
+
+    is_discrete: bool = False
+
+    def sample(self, n: int, generator: torch.Generator) -> SigmaDraw:
+        """``n`` draws as float32 CPU tensors; one uniform per draw from ``generator``."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        sigma = self._sigma_from_uniform(u)
+        return SigmaDraw(sigma.to(torch.float32), self.weight(sigma).to(torch.float32))
+
+    def _sigma_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        # u in [0, 1): use 1 - u in (0, 1] so the quantile never sees 0.
+        return self.quantile(1.0 - u)
+
+    @abstractmethod
+    def cdf(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """P(S <= sigma), float64."""
+
+    def cdf_below(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """P(S < sigma); equals :meth:`cdf` for continuous distributions."""
+        return self.cdf(sigma)
+
+    @abstractmethod
+    def quantile(self, u: torch.Tensor | float) -> torch.Tensor:
+        """inf{s : cdf(s) >= u} for u in (0, 1], float64."""
+
+    def mass(self, low: float, high: float) -> float:
+        """P(low <= S <= high)."""
+        return float(self.cdf(high) - self.cdf_below(low))
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Extra loss factor at ``sigma`` (1 by default)."""
+        return torch.ones_like(sigma, dtype=torch.float64)
+
+    def prepare(self, train_images: torch.Tensor, heldout_images: torch.Tensor) -> dict | None:
+        """Hook for samplers that depend on the data (called once before training); returns a log record."""
+        return None
+
+    def state_dict(self) -> dict:
+        """Whatever :meth:`prepare` computed, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what :meth:`state_dict` returned."""
+
+    def describe(self) -> dict:
+        """JSON-able description: class and parameters."""
+        return {"class": type(self).__name__}
+
+
+def _as_f64(x: torch.Tensor | float) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.float64)
+
+
+class LogNormal(SigmaSampler):
+    """EDM's training distribution: ln(sigma) ~ N(p_mean, p_std^2) (EDM Table 1; PAPER_NOTES 1).
+
+    Args:
+        p_mean: mean of ln(sigma) (EDM: -1.2).
+        p_std: standard deviation of ln(sigma) (EDM: 1.2).
+    """
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
+        if not math.isfinite(p_mean):
+            raise ValueError(f"p_mean must be finite, got {p_mean}")
+        if not (math.isfinite(p_std) and p_std > 0):
+            raise ValueError(f"p_std must be positive, got {p_std}")
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+
+    def cdf(self, sigma):
+        s = _as_f64(sigma)
+        z = (torch.log(s.clamp_min(1e-300)) - self.p_mean) / self.p_std
+        return torch.where(s > 0, torch.special.ndtr(z), torch.zeros_like(s))
+
+    def quantile(self, u):
+        u = _as_f64(u).clamp(1e-300, 1.0)
+        return torch.exp(self.p_mean + self.p_std * torch.special.ndtri(u))
+
+    def describe(self) -> dict:
+        return {"class": "LogNormal", "p_mean": self.p_mean, "p_std": self.p_std}
+
+
+class DDPMUniform(SigmaSampler):
+    """DDPM's timestep distribution mapped to sigma: t ~ U{1..T}, sigma = sqrt((1 - abar_t) / abar_t), beta linear
+    from beta_start to beta_end (Ho et al. 2020; PAPER_NOTES 4). Discrete, with T atoms of mass 1/T.
+
+    Args:
+        T: number of timesteps.
+        beta_start: first beta of the linear schedule.
+        beta_end: last beta of the linear schedule.
+    """
+
+    is_discrete = True
+
+    def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        self._sigmas = ddpm_sigmas(T, beta_start, beta_end)
+        self.T, self.beta_start, self.beta_end = int(T), float(beta_start), float(beta_end)
+
+    def atoms(self) -> torch.Tensor:
+        """The support: sigma_1 < ... < sigma_T."""
+        return self._sigmas.clone()
+
+    def probs(self) -> torch.Tensor:
+        return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
+
+    def cdf(self, sigma):
+        s = _as_f64(sigma)
+        return torch.searchsorted(self._sigmas, s.reshape(-1), right=True).reshape(s.shape).double() / self.T
+
+    def cdf_below(self, sigma):
+        s = _as_f64(sigma)
+        return torch.searchsorted(self._sigmas, s.reshape(-1), right=False).reshape(s.shape).double() / self.T
+
+    def quantile(self, u):
+        u = _as_f64(u)
+        index = (torch.ceil(u * self.T - 1e-9).long() - 1).clamp(0, self.T - 1)
+        return self._sigmas[index]
+
+    def describe(self) -> dict:
+        return {"class": "DDPMUniform", "T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+
+class _Bands:
+    """Validated, merged closed sigma bands (given in sigma or in DDPM timesteps)."""
+
+    def __init__(self, bands, unit: str, T: int, beta_start: float, beta_end: float):
+        if unit not in ("sigma", "timestep"):
+            raise ValueError(f"unit must be 'sigma' or 'timestep', got {unit!r}")
+        if not isinstance(bands, (list, tuple)) or len(bands) == 0:
+            raise ValueError(f"bands must be a non-empty list of [low, high] pairs, got {bands!r}")
+        pairs = []
+        for band in bands:
+            if not isinstance(band, (list, tuple)) or len(band) != 2:
+                raise ValueError(f"each band must be a [low, high] pair, got {band!r}")
+            low, high = float(band[0]), float(band[1])
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"band {list(band)} has a non-finite edge")
+            if low < 0 or high < 0:
+                raise ValueError(f"band {list(band)} has a negative edge; {unit} values must be >= 0")
+            if low > high:
+                raise ValueError(f"band {list(band)} is inverted: low {low} > high {high}")
+            if unit == "timestep" and not (1 <= low and high <= T):
+                raise ValueError(f"timestep band {list(band)} must lie within [1, {T}]")
+            pairs.append((low, high))
+        self.unit = unit
+        self.given = [list(p) for p in pairs]
+        if unit == "timestep":
+            pairs = [
+                (float(timestep_to_sigma(lo, T, beta_start, beta_end)), float(timestep_to_sigma(hi, T, beta_start,
+                                                                                                  beta_end)))
+                for lo, hi in pairs
+            ]
+        merged: list[list[float]] = []
+        for low, high in sorted(pairs):  # overlapping or touching bands are merged into one
+            if merged and low <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], high)
+            else:
+                merged.append([low, high])
+        self.sigma = [(lo, hi) for lo, hi in merged]
+        self.T, self.beta_start, self.beta_end = T, beta_start, beta_end
+
+    def contains(self, sigma: torch.Tensor) -> torch.Tensor:
+        inside = torch.zeros(sigma.shape, dtype=torch.bool)
+        for low, high in self.sigma:
+            inside |= (sigma >= low) & (sigma <= high)
+        return inside
+
+    def index_of(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Index of the band holding each sigma, -1 outside all bands."""
+        index = torch.full(sigma.shape, -1, dtype=torch.long)
+        for k, (low, high) in enumerate(self.sigma):
+            index[(sigma >= low) & (sigma <= high)] = k
+        return index
+
+    def describe(self) -> list[dict]:
+        return [
+            {"sigma": [lo, hi],
+             "timestep": [float(sigma_to_timestep(lo, self.T, self.beta_start, self.beta_end)),
+                          float(sigma_to_timestep(hi, self.T, self.beta_start, self.beta_end))]}
+            for lo, hi in self.sigma
+        ]
+
+
+def _check_base(base: SigmaSampler, unit: str, T: int, beta_start: float, beta_end: float) -> None:
+    if not isinstance(base, SigmaSampler):
+        raise TypeError(f"base must be a SigmaSampler, got {type(base).__name__}")
+    if unit == "timestep" and isinstance(base, DDPMUniform) and (base.T, base.beta_start, base.beta_end) != (
+        T, beta_start, beta_end
+    ):
+        raise ValueError(
+            f"timestep bands use the schedule T={T}, beta {beta_start}..{beta_end} but the DDPMUniform base has "
+            f"T={base.T}, beta {base.beta_start}..{base.beta_end}: set the same values on both"
+        )
+
+
+class Gap(SigmaSampler):
+    """The base distribution with closed bands removed and the remaining mass renormalised (paper Section 5).
+
+    Exact sampling by inverse transform: a uniform is drawn on the kept part of [0, 1] in the base's CDF space and
+    mapped through the base quantile; for a discrete base this drops exactly the atoms inside the bands. Bands are
+    given in sigma or, with ``unit: timestep``, in DDPM timesteps (converted with the schedule T / beta_start /
+    beta_end). Overlapping bands are merged.
+
+    Args:
+        base: the distribution to cut.
+        bands: closed intervals [[low, high], ...] to remove.
+        unit: ``sigma`` or ``timestep``.
+        T: DDPM timesteps (for unit timestep).
+        beta_start: DDPM schedule's first beta (for unit timestep).
+        beta_end: DDPM schedule's last beta (for unit timestep).
+    """
+
+    def __init__(
+        self,
+        base: SigmaSampler,
+        bands: list[list[float]],
+        unit: Unit = "sigma",
+        T: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ):
+        _check_base(base, unit, T, beta_start, beta_end)
+        self.base = base
+        self.is_discrete = base.is_discrete
+        self._set_bands(_Bands(bands, unit, T, beta_start, beta_end))
+
+    def _set_bands(self, bands: _Bands) -> None:
+        removed = []
+        for low, high in bands.sigma:
+            lo_u, hi_u = float(self.base.cdf_below(low)), float(self.base.cdf(high))
+            if hi_u - lo_u <= 0:
+                raise ValueError(
+                    f"band sigma [{low:.4g}, {high:.4g}] (given as {bands.unit}) holds no mass of the base "
+                    f"{type(self.base).__name__}: it is outside the base's support, which is almost surely a unit "
+                    "mistake"
+                )
+            removed.append((lo_u, hi_u))
+        kept, cursor = [], 0.0
+        for lo_u, hi_u in removed:
+            if lo_u > cursor:
+                kept.append((cursor, lo_u))
+            cursor = max(cursor, hi_u)
+        if cursor < 1.0:
+            kept.append((cursor, 1.0))
+        kept = [(a, b) for a, b in kept if b - a > 1e-15]
+        total = sum(b - a for a, b in kept)
+        if total <= 1e-12:
+            raise ValueError(
+                f"the bands {bands.given} ({bands.unit}) remove all the mass of {type(self.base).__name__}: "
+                "nothing would be left to train on"
+            )
+        self.bands = bands
+        self._kept = kept
+        self._kept_mass = total
+
+    @property
+    def kept_mass(self) -> float:
+        """Base probability outside the bands."""
+        return self._kept_mass
+
+    def cdf(self, sigma):
+        s = _as_f64(sigma)
+        base_u = self.base.cdf(s)
+        return self._kept_cdf(base_u)
+
+    def cdf_below(self, sigma):
+        return self._kept_cdf(self.base.cdf_below(_as_f64(sigma)))
+
+    def _kept_cdf(self, base_u: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(base_u)
+        for a, b in self._kept:
+            out += (base_u.clamp(a, b) - a)
+        return out / self._kept_mass
+
+    def quantile(self, u):
+        """Walks u * kept_mass along the kept intervals (a_k, b_k] of the base's CDF space and maps the point
+        through the base quantile; for a discrete base, (a_k, b_k] never reaches an atom inside a band."""
+        target = _as_f64(u).clamp(1e-300, 1.0) * self._kept_mass
+        lows = torch.tensor([a for a, _ in self._kept], dtype=torch.float64)
+        lengths = torch.tensor([b - a for a, b in self._kept], dtype=torch.float64)
+        ends = torch.cumsum(lengths, 0)
+        k = torch.searchsorted(ends, target.reshape(-1)).clamp(max=len(self._kept) - 1).reshape(target.shape)
+        v = lows[k] + (target - (ends[k] - lengths[k]))
+        return self.base.quantile(torch.minimum(v, lows[k] + lengths[k]).clamp(1e-300, 1.0))
+
+    def weight(self, sigma):
+        return self.base.weight(sigma)
+
+    def describe(self) -> dict:
+        return {"class": type(self).__name__, "base": self.base.describe(), "bands": self.bands.describe(),
+                "unit": self.bands.unit, "kept_mass": self._kept_mass}
+
+
+class Reweighted(SigmaSampler):
+    """The base distribution unchanged, with the loss inside each band multiplied by its factor (a soft gap).
+
+    Args:
+        base: the sigma distribution.
+        bands: closed intervals [[low, high], ...].
+        factors: one factor in [0, 1] for all bands, or one per band.
+        unit: ``sigma`` or ``timestep``.
+        T: DDPM timesteps (for unit timestep).
+        beta_start: DDPM schedule's first beta (for unit timestep).
+        beta_end: DDPM schedule's last beta (for unit timestep).
+    """
+
+    def __init__(
+        self,
+        base: SigmaSampler,
+        bands: list[list[float]],
+        factors: float | list[float] = 0.1,
+        unit: Unit = "sigma",
+        T: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ):
+        _check_base(base, unit, T, beta_start, beta_end)
+        if len(bands) > 1 and isinstance(factors, (list, tuple)):
+            # merging would lose the pairing of bands and factors
+            spans = sorted((float(b[0]), float(b[1])) for b in bands)
+            if any(spans[i + 1][0] <= spans[i][1] for i in range(len(spans) - 1)):
+                raise ValueError(f"bands {bands} overlap; per-band factors need disjoint bands")
+        self.base = base
+        self.is_discrete = base.is_discrete
+        self.bands = _Bands(bands, unit, T, beta_start, beta_end)
+        n = len(self.bands.sigma)
+        values = [float(factors)] * n if not isinstance(factors, (list, tuple)) else [float(f) for f in factors]
+        if len(values) != n:
+            raise ValueError(f"got {len(values)} factors for {n} bands; give one factor or one per band")
+        for f in values:
+            if not 0.0 <= f <= 1.0:
+                raise ValueError(f"reweight factor {f} is outside [0, 1]")
+        order = sorted(range(len(bands)), key=lambda i: float(bands[i][0]))
+        self.factors = [values[i] for i in order] if len(values) == len(bands) else values
+
+    def cdf(self, sigma):
+        return self.base.cdf(sigma)
+
+    def cdf_below(self, sigma):
+        return self.base.cdf_below(sigma)
+
+    def quantile(self, u):
+        return self.base.quantile(u)
+
+    def weight(self, sigma):
+        s = _as_f64(sigma)
+        index = self.bands.index_of(s)
+        table = torch.tensor(self.factors + [1.0], dtype=torch.float64)
+        return table[index] * self.base.weight(s)
+
+    def describe(self) -> dict:
+        return {"class": "Reweighted", "base": self.base.describe(), "bands": self.bands.describe(),
+                "factors": self.factors, "unit": self.bands.unit}
+
+
+class DangerZoneGap(Gap):
+    """A :class:`Gap` whose band is the dataset's danger zone, found from the data alone before training
+    (paper Section 4.2.3 and App. E.4): the sigma band where both the expected max posterior weight (Def. 4.1) and
+    the Gaussian-shell coverage (Def. 4.6) are at least their levels (:func:`calmwild.geometry.danger_zone`).
+
+    The band is computed by :meth:`prepare` (the training module calls it once at setup, on rank 0, and broadcasts
+    the result), widened by ``margin`` on each side in log sigma (the paper's CelebA gaps add a buffer around the
+    zone), stored in checkpoints and logged. If the zone is empty, ``if_empty`` decides: ``error`` stops with the
+    levels that were reached, ``crossing`` removes a band of relative width ``margin`` around the curves'
+    crossing point.
+
+    Args:
+        base: the distribution to cut.
+        weight_level: level the max posterior weight must reach.
+        coverage_level: level the shell coverage must reach.
+        margin: multiplicative widening of the band in sigma (band [a, b] becomes [a / margin, b * margin]), >= 1.
+        if_empty: ``error`` or ``crossing`` (see above).
+        num_levels: sigma grid size (EDM rho schedule, App. E.2's 40 levels).
+        num_points: training points of the weight curve.
+        num_noises: noises per training point (weight curve).
+        num_queries: held-out points of the coverage curve.
+        num_coverage_noises: noises per held-out point (coverage curve).
+        t: Lemma 4.5's shell parameter.
+        seed: seed of the Monte Carlo estimates.
+    """
+
+    def __init__(
+        self,
+        base: SigmaSampler,
+        weight_level: float = 0.5,
+        coverage_level: float = 0.5,
+        margin: float = 1.0,
+        if_empty: Literal["error", "crossing"] = "error",
+        num_levels: int = 40,
+        num_points: int = 100,
+        num_noises: int = 50,
+        num_queries: int = 500,
+        num_coverage_noises: int = 20,
+        t: float = 5.0,
+        seed: int = 0,
+    ):
+        _check_base(base, "sigma", 1000, 1e-4, 0.02)
+        for name, level in (("weight_level", weight_level), ("coverage_level", coverage_level)):
+            if not 0.0 < level < 1.0:
+                raise ValueError(f"{name} must lie in (0, 1), got {level}")
+        if not margin >= 1.0:
+            raise ValueError(f"margin must be >= 1 (a widening factor in sigma), got {margin}")
+        if if_empty not in ("error", "crossing"):
+            raise ValueError(f"if_empty must be 'error' or 'crossing', got {if_empty!r}")
+        self.base = base
+        self.is_discrete = base.is_discrete
+        self.settings = dict(weight_level=weight_level, coverage_level=coverage_level, margin=margin,
+                             if_empty=if_empty, num_levels=num_levels, num_points=num_points, num_noises=num_noises,
+                             num_queries=num_queries, num_coverage_noises=num_coverage_noises, t=t, seed=seed)
+        self.zone: dict | None = None
+        self._kept = None
+
+    def _require_prepared(self) -> None:
+        if self._kept is None:
+            raise RuntimeError("DangerZoneGap has no band yet: call prepare(train_images, heldout_images) first")
+
+    def prepare(self, train_images: torch.Tensor, heldout_images: torch.Tensor) -> dict:
+        from calmwild.geometry import danger_zone, posterior_weight_curves, shell_coverage
+        from calmwild.schedule import edm_sigma_steps
+
+        s = self.settings
+        sigmas = edm_sigma_steps(s["num_levels"]).flip(0)
+        weight = posterior_weight_curves(train_images, sigmas, num_points=min(s["num_points"], len(train_images)),
+                                         num_noises=s["num_noises"], seed=s["seed"])
+        coverage = shell_coverage(train_images, heldout_images, sigmas,
+                                  num_queries=min(s["num_queries"], len(heldout_images)),
+                                  num_noises=s["num_coverage_noises"], t=s["t"], seed=s["seed"] + 1)
+        zone = danger_zone(sigmas, weight.max_weight, coverage.coverage, s["weight_level"], s["coverage_level"])
+        if zone.band is not None:
+            low, high = zone.band
+        elif s["if_empty"] == "crossing" and zone.crossing_sigma is not None:
+            low = high = zone.crossing_sigma
+        else:
+            raise ValueError(
+                f"the danger zone of this dataset is empty at weight_level={s['weight_level']} and "
+                f"coverage_level={s['coverage_level']} (both curves reach {zone.max_joint_level:.3f} together at "
+                f"most): lower the levels, or set if_empty=crossing"
+            )
+        margin = max(s["margin"], 1.0 + 1e-9) if low == high else s["margin"]
+        self.load_state_dict({"band": [low / margin, high * margin], "zone": zone.to_dict()})
+        return {"danger_zone": self.zone, "gap_band_sigma": self.bands.sigma[0], "kept_mass": self.kept_mass}
+
+    def state_dict(self) -> dict:
+        self._require_prepared()
+        return {"band": list(self.bands.sigma[0]), "zone": self.zone}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.zone = state.get("zone")
+        self._set_bands(_Bands([state["band"]], "sigma", 1000, 1e-4, 0.02))
+
+    def quantile(self, u):
+        self._require_prepared()
+        return super().quantile(u)
+
+    def cdf(self, sigma):
+        self._require_prepared()
+        return super().cdf(sigma)
+
+    def describe(self) -> dict:
+        if self._kept is None:
+            return {"class": "DangerZoneGap", "base": self.base.describe(), "settings": self.settings,
+                    "prepared": False}
+        return {**super().describe(), "settings": self.settings, "danger_zone": self.zone, "prepared": True}

@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from calmwild.images import MEMORIZED_COLOR, NOVEL_COLOR, image_grid, pair_grid, save_png, to_unit_range
+
+
+def test_to_unit_range_maps_and_repeats_gray():
+    x = torch.tensor([-1.0, 0.0, 1.0, 3.0]).reshape(1, 1, 2, 2)
+    y = to_unit_range(x)
+    assert y.shape == (1, 3, 2, 2)
+    assert y[0, 0].flatten().tolist() == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_pair_grid_frames_memorized_pairs_in_yellow():
+    samples = torch.zeros(2, 1, 16, 16)
+    nearest = torch.zeros(2, 1, 16, 16)
+    grid = pair_grid(samples, nearest, torch.tensor([True, False]), pairs_per_row=2)
+    # First pair starts after the 2-pixel padding; its frame pixel (top-left) carries the memorized colour.
+    assert grid[:, 2, 2].tolist() == pytest.approx(list(MEMORIZED_COLOR))
+    frame_w = 1
+    second_x = 2 + (32 + 2 * frame_w) + 2
+    assert grid[:, 2, second_x].tolist() == pytest.approx(list(NOVEL_COLOR))
+
+
+def test_grid_errors_and_png(tmp_path):
+    with pytest.raises(ValueError, match="shape"):
+        pair_grid(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="non-empty"):
+        image_grid(torch.zeros(0, 1, 8, 8))
+    path = save_png(image_grid(torch.rand(5, 3, 8, 8) * 2 - 1), tmp_path / "g.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
