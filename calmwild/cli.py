@@ -14,9 +14,13 @@ the directory of the checkpoint; ``--ckpt_path last`` picks the newest run under
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import time
 import uuid
+import warnings
+from urllib.parse import urlparse
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,18 @@ def new_run_dir(root: Path) -> Path:
     return run_dir
 
 
+def wandb_reachable(timeout: float = 5.0) -> bool:
+    """Whether the W&B server (``WANDB_BASE_URL``, default api.wandb.ai) accepts a TCP connection within
+    ``timeout`` seconds. Online W&B without a network otherwise stalls for minutes before failing."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 class CalmwildSaveConfig(SaveConfigCallback):
     """Saves ``config.yaml`` into the run directory and pushes the full CLI config to W&B, if in use."""
 
@@ -69,10 +85,17 @@ class CalmwildSaveConfig(SaveConfigCallback):
 class CalmwildCLI(LightningCLI):
     """LightningCLI with per-run directories, resume into the same directory, and a closing summary."""
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--wandb_offline_fallback", type=bool, default=False,
+            help="If W&B is configured online but its server cannot be reached, log offline instead of failing.",
+        )
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
             return
         cfg = self.config[self.subcommand]
+        self._check_wandb(cfg)
         config_files = _as_list(cfg.get("config"))
         self.run_name = Path(str(config_files[-1])).stem if config_files else "default"
         root = Path(cfg.trainer.default_root_dir or f"runs/{self.run_name}")
@@ -112,6 +135,28 @@ class CalmwildCLI(LightningCLI):
                     id_file.write_text(args.id)
                 if not args.get("name"):
                     args.name = run_name
+
+    @staticmethod
+    def _check_wandb(cfg: Namespace) -> None:
+        """Fails fast (seconds) when an online WandbLogger cannot reach its server, or falls back to offline."""
+        online = [
+            lg for lg in _as_list(cfg.trainer.logger)
+            if isinstance(lg, Namespace) and lg.class_path.endswith("WandbLogger") and not lg.init_args.get("offline")
+        ]
+        if not online or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+            return
+        if wandb_reachable():
+            return
+        if cfg.get("wandb_offline_fallback"):
+            warnings.warn("W&B server unreachable: logging offline (sync later with `wandb sync`)", stacklevel=2)
+            for lg in online:
+                lg.init_args.offline = True
+            return
+        raise SystemExit(
+            "calmwild: the config logs to W&B online, but the W&B server cannot be reached. Set WANDB_MODE=offline "
+            "(then `wandb sync` later), pass --wandb_offline_fallback=true, or use another logger "
+            "(--trainer.logger=lightning.pytorch.loggers.CSVLogger)."
+        )
 
     @staticmethod
     def _place_checkpoints(cfg: Namespace, run_dir: Path) -> None:

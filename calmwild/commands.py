@@ -134,6 +134,7 @@ def _sample_and_report(
 
 
 def sample(
+    *,
     out: Path,
     ckpt: str = "empirical",
     data: str | None = None,
@@ -179,6 +180,7 @@ def sample(
 
 
 def swap(
+    *,
     out: Path,
     base: str,
     other: str,
@@ -235,4 +237,68 @@ def swap(
     return report
 
 
-COMMANDS = {"sample": sample, "swap": swap}
+def analyze(
+    *,
+    data: str,
+    out: Path,
+    sigmas: list[float] | None = None,
+    num_points: int = 100,
+    num_noises: int = 100,
+    num_queries: int = 500,
+    num_coverage_noises: int = 20,
+    num_pairs: int = 10_000,
+    num_threshold_points: int = 20,
+    t: float = 5.0,
+    eps: float = 0.05,
+    delta: float = 0.05,
+    weight_level: float = 0.5,
+    coverage_level: float = 0.5,
+    seed: int = 0,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> dict:
+    """Geometry of a training set before any training (paper Section 4): posterior-weight and shell-coverage curves,
+    Theorem 4.8 bounds, Theorem 4.2 thresholds and the danger zone, in sigma and DDPM timesteps.
+
+    Writes geometry.json and geometry.png (the paper's Figure 3 layout) into ``out``.
+
+    Args:
+        data: data spec (fit config, class_path YAML, or class path).
+        out: output directory (must be new or empty unless --overwrite).
+        sigmas: sigma grid (default: EDM's 40-level schedule).
+        num_points: training base points of the weight curves.
+        num_noises: noises per base point.
+        num_queries: held-out points of the coverage curve.
+        num_coverage_noises: noises per held-out point.
+        num_pairs: data pairs for the Theorem 4.8 upper bound.
+        num_threshold_points: training points for the Theorem 4.2 thresholds.
+        t: Lemma 4.5 shell parameter (5 gives probability >= 0.9865).
+        eps: posterior-weight level of Theorem 4.2.
+        delta: failure probability of Theorem 4.2.
+        weight_level: max-weight level of the danger zone.
+        coverage_level: coverage level of the danger zone.
+        seed: Monte Carlo seed.
+        device: torch device.
+        overwrite: allow writing into a non-empty directory.
+    """
+    from calmwild.analysis import analyze_geometry, write_geometry_report
+
+    out = prepare_output_dir(out, overwrite)
+    datamodule = load_datamodule(data)
+    report = analyze_geometry(
+        datamodule.train_images, datamodule.heldout_images, sigmas=sigmas, num_points=num_points,
+        num_noises=num_noises, num_queries=num_queries, num_coverage_noises=num_coverage_noises,
+        num_pairs=num_pairs, num_threshold_points=num_threshold_points, t=t, eps=eps, delta=delta,
+        weight_level=weight_level, coverage_level=coverage_level, seed=seed, device=device,
+    )
+    report["data"] = datamodule.describe()
+    write_geometry_report(report, out, overwrite=True)
+    zone = report["danger_zone"]
+    band = "empty" if zone["empty"] else (
+        f"sigma {zone['sigma'][0]:.3g}..{zone['sigma'][1]:.3g} (DDPM t {zone['timesteps'][0]:.0f}..{zone['timesteps'][1]:.0f})"
+    )
+    print(f"calmwild analyze: danger zone {band}; report in {out}/geometry.json and geometry.png", flush=True)
+    return report
+
+
+COMMANDS = {"sample": sample, "swap": swap, "analyze": analyze}

@@ -7,6 +7,10 @@ them directly for the few candidates that matter (see :func:`knn`).
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
+
 import torch
 
 
@@ -30,48 +34,151 @@ def squared_distances(
     return d2.clamp_min_(0.0)
 
 
+# Extra candidates kept per query beyond k before the exact re-scoring (default of ``knn(candidates=None)``).
+DEFAULT_MARGIN = 16
+# Elements (query x reference x feature) per block when distances are formed from explicit differences.
+_DIFF_BUDGET = 1 << 22
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def _full_precision_matmul() -> Iterator[None]:
+    """float32 matrix products at full precision (no TF32 / bf16) for the duration, so the error bound holds."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _exact_sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """||x_q - y_qc||^2 in float64 for x [q, d] and candidates y [q, c, d], from the differences (no cancellation)."""
+    return (x.unsqueeze(1).double() - y.double()).square_().sum(dim=2)
+
+
+def _sort_by_distance_then_index(d2: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows sorted by (distance, index): a stable sort on the index, then a stable sort on the distance."""
+    order = torch.sort(index, dim=1, stable=True).indices
+    d2, index = d2.gather(1, order), index.gather(1, order)
+    order = torch.sort(d2, dim=1, stable=True).indices
+    return d2.gather(1, order), index.gather(1, order)
+
+
+def _rescore(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Exact squared distances [q, c] from x [q, d] (on the compute device) to the rows ``index`` [q, c] of ``y``
+    (any device), in row blocks so that at most about ``_DIFF_BUDGET`` differences exist at once."""
+    rows = max(1, _DIFF_BUDGET // max(1, index.shape[1] * x.shape[1]))
+    return torch.cat([
+        _exact_sq_distances(x[s : s + rows], y[index[s : s + rows].to(y.device)].to(x.device))
+        for s in range(0, x.shape[0], rows)
+    ])
+
+
+def _brute_force(x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of x [q, d] (compute device) among all rows of ``y`` (any device) from explicit differences in
+    float64, chunked; ties go to the smaller index."""
+    n, dim = y.shape
+    cols = min(n, max(1, _DIFF_BUDGET // dim))
+    rows = max(1, _DIFF_BUDGET // (cols * dim))
+    out_d, out_i = [], []
+    for qs in range(0, x.shape[0], rows):
+        xb = x[qs : qs + rows]
+        best_d = torch.empty(xb.shape[0], 0, dtype=torch.float64, device=x.device)
+        best_i = torch.empty(xb.shape[0], 0, dtype=torch.long, device=x.device)
+        for rs in range(0, n, cols):
+            yb = y[rs : rs + cols].to(x.device)
+            d2 = _exact_sq_distances(xb, yb.unsqueeze(0))
+            idx = torch.arange(rs, rs + yb.shape[0], device=x.device).expand(xb.shape[0], -1)
+            best_d, best_i = _sort_by_distance_then_index(torch.cat([best_d, d2], 1), torch.cat([best_i, idx], 1))
+            best_d, best_i = best_d[:, :k], best_i[:, :k]
+        out_d.append(best_d)
+        out_i.append(best_i)
+    return torch.cat(out_d), torch.cat(out_i)
+
+
 def knn(
     queries: torch.Tensor,
     reference: torch.Tensor,
     k: int = 2,
     query_chunk: int = 1024,
     ref_chunk: int = 8192,
-    margin: int = 8,
+    candidates: int | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours: distances [Q, k] (float32, ascending) and indices [Q, k] into ``reference``.
+    """Exact k nearest neighbours (Euclidean): distances [Q, k] (float32, ascending) and indices [Q, k] (long).
 
-    Candidates are found with the matrix-product identity, chunked over queries and references (memory
-    O(query_chunk * ref_chunk)); the best k + ``margin`` candidates of each query are then re-scored exactly as
-    ||x - y|| (difference first, so no cancellation) and re-sorted. Among equal distances the smaller index wins.
+    1. Candidate search: squared distances by the matrix-product identity (:func:`squared_distances`), chunked
+       over ``query_chunk`` queries and ``ref_chunk`` references (memory O(query_chunk * ref_chunk) whatever the
+       reference size), keeping a running best ``candidates`` (default k + 16) per query. float32 inputs are
+       multiplied at full float32 precision (TF32 is switched off for the duration); float64 inputs stay float64.
+    2. Cancellation fix: the retained candidates are re-scored exactly as ||x - y|| from the differences (in
+       float64), then sorted by (distance, index) and cut to k. Ties: the smaller reference index comes first.
+    3. Certificate: a computed squared distance of the identity differs from the true one by at most
+       gamma (||x|| + ||y||)^2 with gamma = (d + 3) u / (1 - (d + 3) u) (u the unit roundoff; standard dot-product
+       error bound). Every reference left out has a computed value >= the largest retained one, a_c, so if the
+       exact k-th squared distance is < a_c - gamma (||x|| + max ||y||)^2 nothing left out can be as near. Queries
+       that fail this test (near-ties at the candidate boundary, very large norms) are redone by brute force from
+       explicit differences, so the result is exact in every case.
+
+    Duplicated reference images: a query equal to one of them has d1 = d2 = 0 with both indices reported (smaller
+    first). Computation runs on ``device`` if given, else on ``reference``'s device; results stay there.
     """
     x, y = flatten(queries), flatten(reference)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"dimension mismatch: queries have {x.shape[1]} features, references {y.shape[1]}")
-    n = y.shape[0]
-    if not 1 <= k <= n:
+    n, dim = y.shape
+    if n == 0:
+        raise ValueError("the reference set is empty")
+    k = _positive_int(k, "k")
+    if k > n:
         raise ValueError(f"k must lie in [1, {n}] (the reference size), got {k}")
+    query_chunk, ref_chunk = _positive_int(query_chunk, "query_chunk"), _positive_int(ref_chunk, "ref_chunk")
+    keep = k + DEFAULT_MARGIN if candidates is None else _positive_int(candidates, "candidates")
+    if keep < k:
+        raise ValueError(f"candidates must be at least k = {k}, got {candidates}")
+    keep = min(keep, n)
     device = torch.device(device) if device is not None else y.device
-    y = y.to(device)
-    y_sq = (y.float() * y.float()).sum(dim=1)
-    keep = min(n, k + margin)
-    dists, indices = [], []
-    for qs in range(0, x.shape[0], query_chunk):
-        xq = x[qs : qs + query_chunk].to(device)
-        best_d = torch.full((xq.shape[0], 0), torch.inf, device=device)
-        best_i = torch.zeros((xq.shape[0], 0), dtype=torch.long, device=device)
-        for rs in range(0, n, ref_chunk):
-            d2 = squared_distances(xq.float(), y[rs : rs + ref_chunk].float(), y_sq[rs : rs + ref_chunk])
-            cand_d = torch.cat([best_d, d2], dim=1)
-            cand_i = torch.cat([best_i, torch.arange(rs, rs + d2.shape[1], device=device).expand(d2.shape[0], -1)],
-                               dim=1)
-            top = torch.topk(cand_d, min(keep, cand_d.shape[1]), dim=1, largest=False)
-            best_d, best_i = top.values, torch.gather(cand_i, 1, top.indices)
-        exact = (xq.unsqueeze(1).double() - y[best_i].double()).norm(dim=2)
-        # sort by (distance, index): stable sort on index first, then on distance
-        order_i = torch.argsort(best_i, dim=1)
-        exact, best_i = torch.gather(exact, 1, order_i), torch.gather(best_i, 1, order_i)
-        order = torch.sort(exact, dim=1, stable=True).indices[:, :k]
-        dists.append(torch.gather(exact, 1, order).float())
-        indices.append(torch.gather(best_i, 1, order))
-    return torch.cat(dists).cpu(), torch.cat(indices).cpu()
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    slack = (dim + 3) * unit_roundoff
+    gamma = slack / (1 - slack) if slack < 1 else math.inf
+
+    y_sq = torch.cat([y[s : s + ref_chunk].to(device, dtype).square().sum(dim=1) for s in range(0, n, ref_chunk)])
+    if not torch.isfinite(y_sq).all():
+        raise ValueError("reference contains non-finite values (NaN or inf)")
+    y_norm_max = float(y_sq.max().double().sqrt())
+
+    out_d, out_i = [], []
+    with _full_precision_matmul():
+        for qs in range(0, x.shape[0], query_chunk):
+            xq = x[qs : qs + query_chunk].to(device, dtype)
+            if not torch.isfinite(xq).all():
+                bad = (~torch.isfinite(xq).all(dim=1)).nonzero()[:, 0] + qs
+                raise ValueError(f"queries contain non-finite values (NaN or inf) in rows {bad[:10].tolist()}")
+            best_d = torch.empty(xq.shape[0], 0, dtype=dtype, device=device)
+            best_i = torch.empty(xq.shape[0], 0, dtype=torch.long, device=device)
+            for rs in range(0, n, ref_chunk):
+                d2 = squared_distances(xq, y[rs : rs + ref_chunk].to(device, dtype), y_sq[rs : rs + ref_chunk])
+                top = torch.topk(d2, min(keep, d2.shape[1]), dim=1, largest=False)
+                cand_d, cand_i = torch.cat([best_d, top.values], 1), torch.cat([best_i, top.indices + rs], 1)
+                top = torch.topk(cand_d, min(keep, cand_d.shape[1]), dim=1, largest=False)
+                best_d, best_i = top.values, cand_i.gather(1, top.indices)
+
+            exact, index = _sort_by_distance_then_index(_rescore(xq, y, best_i), best_i)
+            exact, index = exact[:, :k], index[:, :k]
+            if keep < n:
+                bound = gamma * (xq.double().norm(dim=1) + y_norm_max).square()
+                uncertain = (exact[:, -1] >= best_d.double().max(dim=1).values - bound).nonzero()[:, 0]
+                if uncertain.numel() > 0:
+                    exact[uncertain], index[uncertain] = _brute_force(xq[uncertain], y, k)
+            out_d.append(exact.sqrt().float())
+            out_i.append(index)
+    if not out_d:
+        return torch.empty(0, k, device=device), torch.empty(0, k, dtype=torch.long, device=device)
+    return torch.cat(out_d), torch.cat(out_i)
