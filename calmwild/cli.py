@@ -14,6 +14,7 @@ the directory of the checkpoint; ``--ckpt_path last`` picks the newest run under
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import sys
@@ -25,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
 
 from calmwild.data import InMemoryImageDataModule
 from calmwild.module import DiffusionModule
@@ -56,6 +59,47 @@ def new_run_dir(root: Path) -> Path:
     run_dir = root / f"run-{stamp}-{uuid.uuid4().hex[:6]}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A CSVLogger that, when a run is resumed in its own directory, keeps the earlier rows instead of deleting them.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv``. Here the rows logged before the checkpoint's step
+    ``resume_step`` are kept, plus the evaluation rows logged AT that step (they ran before the checkpoint was
+    written); rows from after the checkpoint, which the resumed run logs again, are dropped. The history therefore
+    holds every step exactly once.
+
+    Args:
+        resume_step: global step of the checkpoint being resumed (set by ``calmwild fit --ckpt_path``).
+    """
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    def experiment(self):
+        if self._experiment is not None or self.resume_step is None:
+            return super().experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        kept, header = [], []
+        if path.is_file():
+            with open(path, newline="") as handle:
+                reader = csv.DictReader(handle)
+                header = list(reader.fieldnames or [])
+                for row in reader:
+                    step = int(float(row.get("step") or 0))
+                    is_train_row = any(row.get(k) for k in header if k.startswith("train/"))
+                    if step < self.resume_step or (step == self.resume_step and not is_train_row):
+                        kept.append(row)
+        experiment = super().experiment  # Lightning's writer removes the old file here
+        if kept:
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(kept)
+            experiment.metrics_keys = header
+        return experiment
 
 
 def wandb_reachable(timeout: float = 5.0) -> bool:
@@ -112,20 +156,28 @@ class CalmwildCLI(LightningCLI):
             run_dir = new_run_dir(root)
         self.run_dir = run_dir
         cfg.trainer.default_root_dir = str(run_dir)
-        self._place_loggers(cfg, run_dir, self.run_name)
+        resume_step = None
+        if cfg.get("ckpt_path"):
+            resume_step = int(torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
+            # keep the original config.yaml; the resumed run's config is saved beside it
+            self.save_config_kwargs["config_filename"] = f"config-resume-step{resume_step}-{time.strftime('%H%M%S')}.yaml"
+        self._place_loggers(cfg, run_dir, self.run_name, resume_step)
         self._place_checkpoints(cfg, run_dir)
 
     @staticmethod
-    def _place_loggers(cfg: Namespace, run_dir: Path, run_name: str) -> None:
+    def _place_loggers(cfg: Namespace, run_dir: Path, run_name: str, resume_step: int | None) -> None:
         for logger in _as_list(cfg.trainer.logger):
             if not isinstance(logger, Namespace) or "init_args" not in logger:
                 continue
             args = logger.init_args
             name = logger.class_path.rsplit(".", 1)[-1]
             args.save_dir = str(run_dir)
-            if name in ("CSVLogger", "TensorBoardLogger"):
+            if name in ("CSVLogger", "TensorBoardLogger", "ResumableCSVLogger"):
                 args.name = "logs"
                 args.version = ""
+            if name in ("CSVLogger", "ResumableCSVLogger"):
+                logger.class_path = "calmwild.cli.ResumableCSVLogger"
+                args.resume_step = resume_step
             elif name == "WandbLogger":
                 id_file = run_dir / WANDB_ID_FILE
                 if id_file.exists():  # resuming: continue the same W&B run
