@@ -1,0 +1,91 @@
+"""`calmwild sample / swap / analyze` on the embedded digits (closed-form denoisers and a tiny checkpoint)."""
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from calmwild.cli import run
+from calmwild.commands import load_datamodule
+from calmwild.data import DigitsDataModule
+from calmwild.module import DiffusionModule
+from calmwild.unet import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "configs" / "digits.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 16x16 digits checkpoint after a few steps (architecture matches configs/digits.yaml's data)."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    module = DiffusionModule(UNet(img_resolution=16, in_channels=1, model_channels=16, channel_mult=(1, 2),
+                                  num_blocks=1, attn_resolutions=(), dropout=0.0))
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=path.parent)
+    trainer.fit(module, datamodule=DigitsDataModule(num_train=64, num_heldout=32, batch_size=32))
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_load_datamodule_accepts_fit_config_and_class_path():
+    from_config = load_datamodule(DIGITS)
+    assert from_config.train_images.shape[1:] == (1, 16, 16)
+    from_class = load_datamodule("calmwild.data.DigitsDataModule")
+    assert isinstance(from_class, DigitsDataModule)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_datamodule("missing.yaml")
+
+
+def test_sample_with_empirical_denoiser_memorizes(tmp_path):
+    report = run(["sample", "--out", str(tmp_path / "s"), "--ckpt", "empirical", "--data", DIGITS,
+                  "--num", "12", "--steps", "18"])
+    assert report["memorization"]["rate"] == 1.0
+    saved = json.loads((tmp_path / "s" / "sample.json").read_text())
+    assert saved["num_samples"] == 12 and saved["memorization"]["num_memorized"] == 12
+    for name in ("samples.pt", "samples.png", "nearest_pairs.png", "per_sample.json"):
+        assert (tmp_path / "s" / name).is_file()
+    assert torch.load(tmp_path / "s" / "samples.pt").shape == (12, 1, 16, 16)
+
+
+def test_sample_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="already holds files"):
+        run(["sample", "--out", str(out), "--ckpt", "empirical", "--data", DIGITS, "--num", "2"])
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_swap_of_identical_checkpoints_equals_plain_sampling(tmp_path, tiny_checkpoint):
+    ckpt = str(tiny_checkpoint)
+    plain = run(["sample", "--out", str(tmp_path / "plain"), "--ckpt", ckpt, "--num", "4", "--steps", "6"])
+    swapped = run(["swap", "--out", str(tmp_path / "swap"), "--base", ckpt, "--other", ckpt, "--band", "medium",
+                   "--num", "4", "--steps", "6", "--data", DIGITS])
+    assert plain["num_samples"] == swapped["num_samples"] == 4
+    a = torch.load(tmp_path / "plain" / "samples.pt")
+    b = torch.load(tmp_path / "swap" / "samples.pt")
+    assert torch.equal(a, b)
+    assert 0.0 <= swapped["memorization"]["rate"] <= 1.0
+
+
+def test_swap_refuses_mismatched_shapes(tmp_path, tiny_checkpoint):
+    spec = tmp_path / "d8.yaml"
+    spec.write_text("class_path: calmwild.data.DigitsDataModule\ninit_args: {resolution: 8}\n")
+    with pytest.raises(ValueError, match="shape"):
+        run(["swap", "--out", str(tmp_path / "y"), "--base", str(tiny_checkpoint), "--other", "empirical",
+             "--data", str(spec), "--num", "2"])
+
+
+def test_analyze_writes_geometry_report(tmp_path):
+    report = run(["analyze", "--data", DIGITS, "--out", str(tmp_path / "g"), "--num_points", "20",
+                  "--num_noises", "10", "--num_queries", "50", "--num_coverage_noises", "4", "--num_pairs", "500",
+                  "--sigmas", "[0.01, 0.1, 0.3, 1.0, 3.0, 10.0]"])
+    saved = json.loads((tmp_path / "g" / "geometry.json").read_text())
+    assert saved["sigmas"] == pytest.approx([0.01, 0.1, 0.3, 1.0, 3.0, 10.0])
+    assert saved["max_weight"]["mean"][0] > 0.99 and saved["coverage"]["mean"][-1] > 0.99
+    assert saved["data"]["name"] == "DigitsDataModule"
+    assert (tmp_path / "g" / "geometry.png").is_file()
+    assert report["danger_zone"] == saved["danger_zone"]
