@@ -301,4 +301,66 @@ def analyze(
     return report
 
 
-COMMANDS = {"sample": sample, "swap": swap, "analyze": analyze}
+def evaluate(
+    *,
+    ckpt: str,
+    data: str,
+    out: Path,
+    sigmas: list[float] | None = None,
+    num_images: int = 256,
+    num_noises: int = 1,
+    num_samples: int = 256,
+    threshold: float = 1 / 3,
+    fid_feature: Literal["random", "inception"] = "inception",
+    fid_weights_path: str | None = None,
+    fid_reference: Literal["train", "heldout"] = "train",
+    fid_cache_dir: str | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    steps: int = 18,
+    solver: Literal["heun", "euler"] = "heun",
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> dict:
+    """Every metric once for one denoiser: per-sigma MSE (train and held-out, eq. 5), per-sigma memorization,
+    trajectory memorization of generated samples and FID (with its sample count and feature extractor).
+
+    Writes evaluation.json and plots into ``out``.
+
+    Args:
+        ckpt: checkpoint path, or ``empirical`` / ``gaussian``.
+        data: data spec (fit config, class_path YAML, or class path).
+        out: output directory (must be new or empty unless --overwrite).
+        sigmas: noise levels of the per-sigma curves (default: EDM's 18-step schedule).
+        num_images: training / held-out images per sigma.
+        num_noises: noises per image.
+        num_samples: generated samples for trajectory memorization and FID.
+        threshold: ratio-test threshold in (0, 1).
+        fid_feature: ``inception`` (InceptionV3, needs its weights file) or ``random`` (random conv features, not
+            comparable with published FID).
+        fid_weights_path: local InceptionV3 weights file.
+        fid_reference: reference set of the FID.
+        fid_cache_dir: where reference statistics are cached.
+        seed: seed of noises and samples.
+        batch_size: batch size of all evaluations.
+        steps: sampler steps.
+        solver: heun or euler.
+        device: torch device.
+        overwrite: allow writing into a non-empty directory.
+    """
+    from calmwild.evaluation import evaluate_denoiser
+
+    out = prepare_output_dir(out, overwrite)
+    datamodule = load_datamodule(data)
+    denoiser = resolve_denoiser(ckpt, datamodule, device)
+    _image_shape(denoiser, datamodule)
+    report = evaluate_denoiser(
+        denoiser, datamodule.train_images, datamodule.heldout_images, out, sigmas=sigmas, num_images=num_images,
+        num_noises=num_noises, num_samples=num_samples, threshold=threshold, fid_feature=fid_feature,
+        fid_weights_path=fid_weights_path, fid_reference=fid_reference, fid_cache_dir=fid_cache_dir, seed=seed,
+        batch_size=batch_size, device=device, steps=steps, solver=solver,
+    )
+    return report
+
+
+COMMANDS = {"sample": sample, "swap": swap, "analyze": analyze, "evaluate": evaluate}

@@ -117,7 +117,7 @@ def _can_connect(url: str, timeout: float) -> str | None:
         try:
             socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
             outcome["reason"] = None
-        except OSError as error:
+        except Exception as error:  # name lookup, refused, unreachable, timed out: all mean "no download"
             outcome["reason"] = f"cannot reach {parsed.hostname} ({type(error).__name__}: {error})"
 
     thread = threading.Thread(target=attempt, daemon=True)
@@ -187,7 +187,8 @@ class InceptionFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"InceptionFeatures expects images [B, 1 or 3, H, W] in [-1, 1], got {tuple(images.shape)}")
+            raise ValueError(f"InceptionFeatures expects images [B, 1 or 3, H, W] in [-1, 1], "
+                             f"got {tuple(images.shape)}")
         x = to_uint8(images)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -226,6 +227,19 @@ class RandomConvFeatures(nn.Module):
         h = F.relu(F.conv2d(images.to(self.w1.dtype), self.w1, padding=1))
         h = F.relu(F.conv2d(h, self.w2, stride=2, padding=1))
         return F.adaptive_avg_pool2d(h, 4).flatten(1) @ self.w3.T
+
+
+def build_feature_extractor(
+    feature: str, in_channels: int, weights_path: str | os.PathLike | None = None, dim: int = 64, seed: int = 0
+) -> nn.Module:
+    """An extractor by name: "inception" -> :class:`InceptionFeatures` (FID proper; ``weights_path`` is its
+    ``feature_extractor_weights_path``), "random" -> :class:`RandomConvFeatures` (``in_channels``, ``dim``,
+    ``seed``; not comparable with FID)."""
+    if feature == "inception":
+        return InceptionFeatures(feature_extractor_weights_path=weights_path)
+    if feature == "random":
+        return RandomConvFeatures(in_channels, dim=dim, seed=seed)
+    raise ValueError(f"feature must be 'inception' or 'random', got {feature!r}")
 
 
 def extractor_identity(extractor: nn.Module) -> str:

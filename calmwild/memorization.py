@@ -275,7 +275,7 @@ def per_sigma_mse(
     return summarize_errors(sigmas, errors, ids, num_noises)
 
 
-# ------------------------------------------------------------------------------------------------ per-sigma memorization
+# ---------------------------------------------------------------------------------------------- per-sigma memorization
 class PerSigmaMemorization(NamedTuple):
     """Per-noise-level memorization: ``rate`` (fraction of items whose one-step denoised output is memorized) and
     its ``stderr`` (binomial for one noise per image, clustered by image otherwise), float64 [S]; ``items`` [M]
@@ -320,8 +320,8 @@ def per_sigma_ratio_tests(
     num_noises, batch_size = _positive_int(num_noises, "num_noises"), _positive_int(batch_size, "batch_size")
     ids = _items(items, heldout.shape[0], num_noises)
     shape = (sig.numel(), ids.numel())
-    out = RatioTestResult(torch.empty(shape, dtype=torch.bool), torch.empty(shape), torch.empty(shape, dtype=torch.long),
-                          torch.empty(shape), torch.empty(shape))
+    out = RatioTestResult(torch.empty(shape, dtype=torch.bool), torch.empty(shape),
+                          torch.empty(shape, dtype=torch.long), torch.empty(shape), torch.empty(shape))
     for s, cols, _, den in _denoised(denoiser, heldout, sig, ids, num_noises, seed, batch_size, device):
         result = ratio_test(den, train, threshold, device=device)
         for field, value in zip(out, result):

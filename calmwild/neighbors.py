@@ -16,7 +16,7 @@ import torch
 
 def flatten(images: torch.Tensor) -> torch.Tensor:
     """[N, ...] -> [N, d] (a view when possible)."""
-    return images.reshape(images.shape[0], -1)
+    return images.reshape(images.shape[0], math.prod(images.shape[1:]))
 
 
 def squared_distances(

@@ -23,6 +23,9 @@ from calmwild.schedule import ddpm_sigmas, sigma_to_timestep, timestep_to_sigma
 
 Unit = Literal["sigma", "timestep"]
 
+# The largest float64 below 1: draws use uniforms in (0, 1) so a quantile never sees 1 (ln-normal quantile(1) = inf).
+_BELOW_ONE = math.nextafter(1.0, 0.0)
+
 
 class SigmaDraw(NamedTuple):
     """Noise levels [n] and the extra per-sample loss factor [n] (1 except under :class:`Reweighted`)."""
@@ -45,8 +48,8 @@ class SigmaSampler(ABC):
         return SigmaDraw(sigma.to(torch.float32), self.weight(sigma).to(torch.float32))
 
     def _sigma_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
-        # u in [0, 1): use 1 - u in (0, 1] so the quantile never sees 0.
-        return self.quantile(1.0 - u)
+        # u in [0, 1): 1 - u lies in (0, 1]; capping it below 1 keeps an unbounded quantile finite.
+        return self.quantile((1.0 - u).clamp(max=_BELOW_ONE))
 
     @abstractmethod
     def cdf(self, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -62,6 +65,8 @@ class SigmaSampler(ABC):
 
     def mass(self, low: float, high: float) -> float:
         """P(low <= S <= high)."""
+        if not low <= high:
+            raise ValueError(f"mass needs low <= high, got low={low}, high={high}")
         return float(self.cdf(high) - self.cdf_below(low))
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -104,9 +109,11 @@ class LogNormal(SigmaSampler):
         self.p_mean, self.p_std = float(p_mean), float(p_std)
 
     def cdf(self, sigma):
+        """Phi((ln sigma - p_mean) / p_std), as erfc(-z / sqrt 2) / 2: accurate relative to the value in the lower
+        tail, where ``torch.special.ndtr`` underflows to 0 already near z = -8.4."""
         s = _as_f64(sigma)
         z = (torch.log(s.clamp_min(1e-300)) - self.p_mean) / self.p_std
-        return torch.where(s > 0, torch.special.ndtr(z), torch.zeros_like(s))
+        return torch.where(s > 0, 0.5 * torch.special.erfc(-z / math.sqrt(2.0)), torch.zeros_like(s))
 
     def quantile(self, u):
         u = _as_f64(u).clamp(1e-300, 1.0)
@@ -129,8 +136,12 @@ class DDPMUniform(SigmaSampler):
     is_discrete = True
 
     def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
-        self._sigmas = ddpm_sigmas(T, beta_start, beta_end)
+        if isinstance(T, bool) or not float(T).is_integer():
+            raise ValueError(f"T must be a whole number of timesteps, got {T!r}")
+        self._sigmas = ddpm_sigmas(int(T), beta_start, beta_end)
         self.T, self.beta_start, self.beta_end = int(T), float(beta_start), float(beta_end)
+        # cdf values k / T computed exactly as cdf() computes them, so quantile() is its exact generalised inverse
+        self._cdf_grid = torch.arange(1, self.T + 1, dtype=torch.float64) / self.T
 
     def atoms(self) -> torch.Tensor:
         """The support: sigma_1 < ... < sigma_T."""
@@ -148,8 +159,9 @@ class DDPMUniform(SigmaSampler):
         return torch.searchsorted(self._sigmas, s.reshape(-1), right=False).reshape(s.shape).double() / self.T
 
     def quantile(self, u):
+        """The first atom whose cdf k / T is >= u (searched on the same float values cdf() returns)."""
         u = _as_f64(u)
-        index = (torch.ceil(u * self.T - 1e-9).long() - 1).clamp(0, self.T - 1)
+        index = torch.searchsorted(self._cdf_grid, u.reshape(-1)).clamp(0, self.T - 1).reshape(u.shape)
         return self._sigmas[index]
 
     def describe(self) -> dict:
@@ -157,7 +169,13 @@ class DDPMUniform(SigmaSampler):
 
 
 class _Bands:
-    """Validated, merged closed sigma bands (given in sigma or in DDPM timesteps)."""
+    """Validated closed bands, merged where they overlap or touch, in the given unit and in sigma.
+
+    ``given``: the validated pairs as passed (unmerged, in order); ``merged``: the merged bands in the given unit;
+    ``sigma``: the same bands in sigma. A whole-number timestep edge t maps to the schedule's own sigma_t
+    (entry t - 1 of :func:`calmwild.schedule.ddpm_sigmas`) so a closed timestep band holds exactly its atoms
+    t = low..high; a fractional edge is interpolated in log sigma (:func:`calmwild.schedule.timestep_to_sigma`).
+    """
 
     def __init__(self, bands, unit: str, T: int, beta_start: float, beta_end: float):
         if unit not in ("sigma", "timestep"):
@@ -167,7 +185,7 @@ class _Bands:
         pairs = []
         for band in bands:
             if not isinstance(band, (list, tuple)) or len(band) != 2:
-                raise ValueError(f"each band must be a [low, high] pair, got {band!r}")
+                raise ValueError(f"each band must be a [low, high] pair, got {band!r} in bands {bands!r}")
             low, high = float(band[0]), float(band[1])
             if not (math.isfinite(low) and math.isfinite(high)):
                 raise ValueError(f"band {list(band)} has a non-finite edge")
@@ -180,26 +198,25 @@ class _Bands:
             pairs.append((low, high))
         self.unit = unit
         self.given = [list(p) for p in pairs]
-        if unit == "timestep":
-            pairs = [
-                (float(timestep_to_sigma(lo, T, beta_start, beta_end)), float(timestep_to_sigma(hi, T, beta_start,
-                                                                                                  beta_end)))
-                for lo, hi in pairs
-            ]
         merged: list[list[float]] = []
         for low, high in sorted(pairs):  # overlapping or touching bands are merged into one
             if merged and low <= merged[-1][1]:
                 merged[-1][1] = max(merged[-1][1], high)
             else:
                 merged.append([low, high])
-        self.sigma = [(lo, hi) for lo, hi in merged]
-        self.T, self.beta_start, self.beta_end = T, beta_start, beta_end
+        self.merged = merged
+        if unit == "timestep":
+            atoms = ddpm_sigmas(T, beta_start, beta_end)
 
-    def contains(self, sigma: torch.Tensor) -> torch.Tensor:
-        inside = torch.zeros(sigma.shape, dtype=torch.bool)
-        for low, high in self.sigma:
-            inside |= (sigma >= low) & (sigma <= high)
-        return inside
+            def to_sigma(t: float) -> float:
+                if t.is_integer():
+                    return float(atoms[int(t) - 1])
+                return float(timestep_to_sigma(t, T, beta_start, beta_end))
+
+            self.sigma = [(to_sigma(lo), to_sigma(hi)) for lo, hi in merged]
+        else:
+            self.sigma = [(lo, hi) for lo, hi in merged]
+        self.T, self.beta_start, self.beta_end = T, beta_start, beta_end
 
     def index_of(self, sigma: torch.Tensor) -> torch.Tensor:
         """Index of the band holding each sigma, -1 outside all bands."""
@@ -218,15 +235,35 @@ class _Bands:
 
 
 def _check_base(base: SigmaSampler, unit: str, T: int, beta_start: float, beta_end: float) -> None:
+    """``base`` is a sampler and, for timestep bands over a DDPMUniform (possibly wrapped by Gap / Reweighted),
+    both use the same DDPM schedule."""
     if not isinstance(base, SigmaSampler):
         raise TypeError(f"base must be a SigmaSampler, got {type(base).__name__}")
-    if unit == "timestep" and isinstance(base, DDPMUniform) and (base.T, base.beta_start, base.beta_end) != (
+    inner = base
+    while not isinstance(inner, DDPMUniform) and isinstance(getattr(inner, "base", None), SigmaSampler):
+        inner = inner.base
+    if unit == "timestep" and isinstance(inner, DDPMUniform) and (inner.T, inner.beta_start, inner.beta_end) != (
         T, beta_start, beta_end
     ):
         raise ValueError(
             f"timestep bands use the schedule T={T}, beta {beta_start}..{beta_end} but the DDPMUniform base has "
-            f"T={base.T}, beta {base.beta_start}..{base.beta_end}: set the same values on both"
+            f"T={inner.T}, beta {inner.beta_start}..{inner.beta_end}: set the same values on both"
         )
+
+
+def _band_cdf_spans(base: SigmaSampler, bands: _Bands) -> list[tuple[float, float]]:
+    """(P(S < low), P(S <= high)) of the base for each band; a band without base mass is an error (it would do
+    nothing, which almost surely means a unit mistake)."""
+    spans = []
+    for (low, high), given in zip(bands.sigma, bands.merged):
+        lo_u, hi_u = float(base.cdf_below(low)), float(base.cdf(high))
+        if hi_u - lo_u <= 0:
+            raise ValueError(
+                f"band {given} ({bands.unit}; sigma [{low:.6g}, {high:.6g}]) holds no mass of the base "
+                f"{type(base).__name__}: it is outside the base's support, which is almost surely a unit mistake"
+            )
+        spans.append((lo_u, hi_u))
+    return spans
 
 
 class Gap(SigmaSampler):
@@ -261,18 +298,8 @@ class Gap(SigmaSampler):
         self._set_bands(_Bands(bands, unit, T, beta_start, beta_end))
 
     def _set_bands(self, bands: _Bands) -> None:
-        removed = []
-        for low, high in bands.sigma:
-            lo_u, hi_u = float(self.base.cdf_below(low)), float(self.base.cdf(high))
-            if hi_u - lo_u <= 0:
-                raise ValueError(
-                    f"band sigma [{low:.4g}, {high:.4g}] (given as {bands.unit}) holds no mass of the base "
-                    f"{type(self.base).__name__}: it is outside the base's support, which is almost surely a unit "
-                    "mistake"
-                )
-            removed.append((lo_u, hi_u))
         kept, cursor = [], 0.0
-        for lo_u, hi_u in removed:
+        for lo_u, hi_u in _band_cdf_spans(self.base, bands):
             if lo_u > cursor:
                 kept.append((cursor, lo_u))
             cursor = max(cursor, hi_u)
@@ -310,14 +337,17 @@ class Gap(SigmaSampler):
 
     def quantile(self, u):
         """Walks u * kept_mass along the kept intervals (a_k, b_k] of the base's CDF space and maps the point
-        through the base quantile; for a discrete base, (a_k, b_k] never reaches an atom inside a band."""
+        through the base quantile. The point is clamped into (a_k, b_k] -- strictly above a_k, which is the base
+        CDF at a band's upper edge -- so rounding can never map it onto an atom inside a band."""
         target = _as_f64(u).clamp(1e-300, 1.0) * self._kept_mass
         lows = torch.tensor([a for a, _ in self._kept], dtype=torch.float64)
-        lengths = torch.tensor([b - a for a, b in self._kept], dtype=torch.float64)
+        highs = torch.tensor([b for _, b in self._kept], dtype=torch.float64)
+        lengths = highs - lows
         ends = torch.cumsum(lengths, 0)
         k = torch.searchsorted(ends, target.reshape(-1)).clamp(max=len(self._kept) - 1).reshape(target.shape)
         v = lows[k] + (target - (ends[k] - lengths[k]))
-        return self.base.quantile(torch.minimum(v, lows[k] + lengths[k]).clamp(1e-300, 1.0))
+        v = torch.maximum(torch.minimum(v, highs[k]), torch.nextafter(lows[k], highs[k]))
+        return self.base.quantile(v.clamp(1e-300, 1.0))
 
     def weight(self, sigma):
         return self.base.weight(sigma)
@@ -351,23 +381,28 @@ class Reweighted(SigmaSampler):
         beta_end: float = 0.02,
     ):
         _check_base(base, unit, T, beta_start, beta_end)
-        if len(bands) > 1 and isinstance(factors, (list, tuple)):
-            # merging would lose the pairing of bands and factors
-            spans = sorted((float(b[0]), float(b[1])) for b in bands)
-            if any(spans[i + 1][0] <= spans[i][1] for i in range(len(spans) - 1)):
-                raise ValueError(f"bands {bands} overlap; per-band factors need disjoint bands")
         self.base = base
         self.is_discrete = base.is_discrete
         self.bands = _Bands(bands, unit, T, beta_start, beta_end)
-        n = len(self.bands.sigma)
-        values = [float(factors)] * n if not isinstance(factors, (list, tuple)) else [float(f) for f in factors]
-        if len(values) != n:
-            raise ValueError(f"got {len(values)} factors for {n} bands; give one factor or one per band")
+        _band_cdf_spans(base, self.bands)  # a band without mass would reweight nothing: a unit mistake
+        given = self.bands.given
+        if isinstance(factors, (list, tuple)) and len(factors) != 1:
+            values = [float(f) for f in factors]
+            if len(values) != len(given):
+                raise ValueError(
+                    f"got {len(values)} factors {list(factors)} for {len(given)} bands {given}; give one factor "
+                    "or one per band"
+                )
+            if len(self.bands.merged) != len(given):  # merging would lose the pairing of bands and factors
+                raise ValueError(f"bands {given} overlap or touch; per-band factors need disjoint bands")
+            values = [values[i] for i in sorted(range(len(given)), key=lambda i: given[i][0])]
+        else:
+            single = factors[0] if isinstance(factors, (list, tuple)) else factors
+            values = [float(single)] * len(self.bands.merged)
         for f in values:
             if not 0.0 <= f <= 1.0:
                 raise ValueError(f"reweight factor {f} is outside [0, 1]")
-        order = sorted(range(len(bands)), key=lambda i: float(bands[i][0]))
-        self.factors = [values[i] for i in order] if len(values) == len(bands) else values
+        self.factors = values  # aligned with self.bands.sigma (sorted by lower edge)
 
     def cdf(self, sigma):
         return self.base.cdf(sigma)
@@ -389,6 +424,9 @@ class Reweighted(SigmaSampler):
                 "factors": self.factors, "unit": self.bands.unit}
 
 
+CROSSING_MIN_MARGIN = 1.5  # an empty zone falls back to at least [c / 1.5, c * 1.5] around the crossing c
+
+
 class DangerZoneGap(Gap):
     """A :class:`Gap` whose band is the dataset's danger zone, found from the data alone before training
     (paper Section 4.2.3 and App. E.4): the sigma band where both the expected max posterior weight (Def. 4.1) and
@@ -397,7 +435,7 @@ class DangerZoneGap(Gap):
     The band is computed by :meth:`prepare` (the training module calls it once at setup, on rank 0, and broadcasts
     the result), widened by ``margin`` on each side in log sigma (the paper's CelebA gaps add a buffer around the
     zone), stored in checkpoints and logged. If the zone is empty, ``if_empty`` decides: ``error`` stops with the
-    levels that were reached, ``crossing`` removes a band of relative width ``margin`` around the curves'
+    levels that were reached, ``crossing`` removes the band [c / margin, c * margin] around the curves'
     crossing point.
 
     Args:
@@ -467,12 +505,15 @@ class DangerZoneGap(Gap):
         elif s["if_empty"] == "crossing" and zone.crossing_sigma is not None:
             low = high = zone.crossing_sigma
         else:
+            hint = ("the weight and coverage curves never cross on this grid" if s["if_empty"] == "crossing"
+                    else "lower the levels, or set if_empty=crossing")
             raise ValueError(
                 f"the danger zone of this dataset is empty at weight_level={s['weight_level']} and "
                 f"coverage_level={s['coverage_level']} (both curves reach {zone.max_joint_level:.3f} together at "
-                f"most): lower the levels, or set if_empty=crossing"
+                f"most; the weight falls through its level at sigma {zone.weight_crossing_sigma}, the coverage "
+                f"rises through its level at sigma {zone.coverage_crossing_sigma}): {hint}"
             )
-        margin = max(s["margin"], 1.0 + 1e-9) if low == high else s["margin"]
+        margin = max(s["margin"], CROSSING_MIN_MARGIN) if low == high else s["margin"]
         self.load_state_dict({"band": [low / margin, high * margin], "zone": zone.to_dict()})
         return {"danger_zone": self.zone, "gap_band_sigma": self.bands.sigma[0], "kept_mass": self.kept_mass}
 
@@ -481,8 +522,10 @@ class DangerZoneGap(Gap):
         return {"band": list(self.bands.sigma[0]), "zone": self.zone}
 
     def load_state_dict(self, state: dict) -> None:
-        self.zone = state.get("zone")
+        if not isinstance(state, dict) or "band" not in state:
+            raise ValueError(f"a DangerZoneGap state needs a 'band' entry [low, high] in sigma, got {state!r}")
         self._set_bands(_Bands([state["band"]], "sigma", 1000, 1e-4, 0.02))
+        self.zone = state.get("zone")
 
     def quantile(self, u):
         self._require_prepared()
@@ -491,6 +534,15 @@ class DangerZoneGap(Gap):
     def cdf(self, sigma):
         self._require_prepared()
         return super().cdf(sigma)
+
+    def cdf_below(self, sigma):
+        self._require_prepared()
+        return super().cdf_below(sigma)
+
+    @property
+    def kept_mass(self) -> float:
+        self._require_prepared()
+        return self._kept_mass
 
     def describe(self) -> dict:
         if self._kept is None:
