@@ -73,6 +73,14 @@ class SigmaSampler(ABC):
         """Extra loss factor at ``sigma`` (1 by default)."""
         return torch.ones_like(sigma, dtype=torch.float64)
 
+    def atoms(self) -> torch.Tensor:
+        """The support of a discrete sampler, increasing, float64 (``is_discrete`` samplers only)."""
+        raise TypeError(f"{type(self).__name__} is continuous (is_discrete is False): it has no atoms")
+
+    def probs(self) -> torch.Tensor:
+        """The probability of each atom, float64, summing to 1 (``is_discrete`` samplers only)."""
+        raise TypeError(f"{type(self).__name__} is continuous (is_discrete is False): it has no atom probabilities")
+
     def prepare(self, train_images: torch.Tensor, heldout_images: torch.Tensor) -> dict | None:
         """Hook for samplers that depend on the data (called once before training); returns a log record."""
         return None
@@ -91,6 +99,15 @@ class SigmaSampler(ABC):
 
 def _as_f64(x: torch.Tensor | float) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float64)
+
+
+def _probability_levels(u: torch.Tensor | float) -> torch.Tensor:
+    """``u`` as float64, checked to lie in (0, 1] (the domain of a quantile function)."""
+    u = _as_f64(u)
+    bad = ~((u > 0) & (u <= 1))
+    if torch.any(bad):
+        raise ValueError(f"quantile levels must lie in (0, 1], got {u[bad].reshape(-1)[:5].tolist()}")
+    return u
 
 
 class LogNormal(SigmaSampler):
@@ -116,8 +133,8 @@ class LogNormal(SigmaSampler):
         return torch.where(s > 0, 0.5 * torch.special.erfc(-z / math.sqrt(2.0)), torch.zeros_like(s))
 
     def quantile(self, u):
-        u = _as_f64(u).clamp(1e-300, 1.0)
-        return torch.exp(self.p_mean + self.p_std * torch.special.ndtri(u))
+        """exp(p_mean + p_std * Phi^-1(u)); quantile(1) = inf."""
+        return torch.exp(self.p_mean + self.p_std * torch.special.ndtri(_probability_levels(u)))
 
     def describe(self) -> dict:
         return {"class": "LogNormal", "p_mean": self.p_mean, "p_std": self.p_std}
@@ -160,7 +177,7 @@ class DDPMUniform(SigmaSampler):
 
     def quantile(self, u):
         """The first atom whose cdf k / T is >= u (searched on the same float values cdf() returns)."""
-        u = _as_f64(u)
+        u = _probability_levels(u)
         index = torch.searchsorted(self._cdf_grid, u.reshape(-1)).clamp(0, self.T - 1).reshape(u.shape)
         return self._sigmas[index]
 
@@ -226,12 +243,16 @@ class _Bands:
         return index
 
     def describe(self) -> list[dict]:
-        return [
-            {"sigma": [lo, hi],
-             "timestep": [float(sigma_to_timestep(lo, self.T, self.beta_start, self.beta_end)),
-                          float(sigma_to_timestep(hi, self.T, self.beta_start, self.beta_end))]}
-            for lo, hi in self.sigma
-        ]
+        """Each band in sigma and in (fractional) DDPM timesteps of the schedule T / beta_start / beta_end; an edge
+        outside [sigma_1, sigma_T] has no timestep and is reported as None (sigma_to_timestep would clamp it)."""
+        schedule = ddpm_sigmas(self.T, self.beta_start, self.beta_end)
+
+        def timestep(s: float) -> float | None:
+            if not float(schedule[0]) <= s <= float(schedule[-1]):
+                return None
+            return float(sigma_to_timestep(s, self.T, self.beta_start, self.beta_end))
+
+        return [{"sigma": [lo, hi], "timestep": [timestep(lo), timestep(hi)]} for lo, hi in self.sigma]
 
 
 def _check_base(base: SigmaSampler, unit: str, T: int, beta_start: float, beta_end: float) -> None:
@@ -251,16 +272,27 @@ def _check_base(base: SigmaSampler, unit: str, T: int, beta_start: float, beta_e
         )
 
 
+MIN_BAND_MASS = 1e-5  # a band removing less base mass than this does nothing measurable: refused as a likely typo
+
+
 def _band_cdf_spans(base: SigmaSampler, bands: _Bands) -> list[tuple[float, float]]:
     """(P(S < low), P(S <= high)) of the base for each band; a band without base mass is an error (it would do
     nothing, which almost surely means a unit mistake)."""
     spans = []
     for (low, high), given in zip(bands.sigma, bands.merged):
         lo_u, hi_u = float(base.cdf_below(low)), float(base.cdf(high))
-        if hi_u - lo_u <= 0:
+        if hi_u - lo_u <= MIN_BAND_MASS:
             raise ValueError(
-                f"band {given} ({bands.unit}; sigma [{low:.6g}, {high:.6g}]) holds no mass of the base "
-                f"{type(base).__name__}: it is outside the base's support, which is almost surely a unit mistake"
+                f"band {given} ({bands.unit}; sigma [{low:.6g}, {high:.6g}]) holds "
+                + ("no mass" if hi_u - lo_u <= 0 else f"only {hi_u - lo_u:.2g} of the mass (<= {MIN_BAND_MASS:g})")
+                + f" of the base {type(base).__name__}: it lies (almost) outside "
+                "the base's support, which is almost surely a unit mistake"
+                + (" - did you mean unit: timestep?" if bands.unit == "sigma" and high >= 10 else "")
+            )
+        if bands.unit == "sigma" and base.is_discrete and high > float(base.quantile(1.0)) * (1 + 1e-9):
+            raise ValueError(
+                f"band {given} (sigma) reaches past the largest noise level of the base ({float(base.quantile(1.0)):.4g});"
+                " a band given in DDPM timesteps needs unit: timestep"
             )
         spans.append((lo_u, hi_u))
     return spans
@@ -339,7 +371,7 @@ class Gap(SigmaSampler):
         """Walks u * kept_mass along the kept intervals (a_k, b_k] of the base's CDF space and maps the point
         through the base quantile. The point is clamped into (a_k, b_k] -- strictly above a_k, which is the base
         CDF at a band's upper edge -- so rounding can never map it onto an atom inside a band."""
-        target = _as_f64(u).clamp(1e-300, 1.0) * self._kept_mass
+        target = _probability_levels(u) * self._kept_mass
         lows = torch.tensor([a for a, _ in self._kept], dtype=torch.float64)
         highs = torch.tensor([b for _, b in self._kept], dtype=torch.float64)
         lengths = highs - lows
@@ -347,10 +379,21 @@ class Gap(SigmaSampler):
         k = torch.searchsorted(ends, target.reshape(-1)).clamp(max=len(self._kept) - 1).reshape(target.shape)
         v = lows[k] + (target - (ends[k] - lengths[k]))
         v = torch.maximum(torch.minimum(v, highs[k]), torch.nextafter(lows[k], highs[k]))
-        return self.base.quantile(v.clamp(1e-300, 1.0))
+        return self.base.quantile(v.clamp(max=1.0))
 
     def weight(self, sigma):
         return self.base.weight(sigma)
+
+    def atoms(self) -> torch.Tensor:
+        """The base's atoms outside every band (a discrete base only)."""
+        atoms = self.base.atoms()
+        return atoms[self.bands.index_of(atoms) < 0]
+
+    def probs(self) -> torch.Tensor:
+        """The base's probabilities of :meth:`atoms`, renormalised to sum to 1."""
+        atoms = self.base.atoms()
+        kept = self.base.probs()[self.bands.index_of(atoms) < 0]
+        return kept / kept.sum()
 
     def describe(self) -> dict:
         return {"class": type(self).__name__, "base": self.base.describe(), "bands": self.bands.describe(),
@@ -412,6 +455,12 @@ class Reweighted(SigmaSampler):
 
     def quantile(self, u):
         return self.base.quantile(u)
+
+    def atoms(self) -> torch.Tensor:
+        return self.base.atoms()
+
+    def probs(self) -> torch.Tensor:
+        return self.base.probs()
 
     def weight(self, sigma):
         s = _as_f64(sigma)
@@ -543,6 +592,14 @@ class DangerZoneGap(Gap):
     def kept_mass(self) -> float:
         self._require_prepared()
         return self._kept_mass
+
+    def atoms(self) -> torch.Tensor:
+        self._require_prepared()
+        return super().atoms()
+
+    def probs(self) -> torch.Tensor:
+        self._require_prepared()
+        return super().probs()
 
     def describe(self) -> dict:
         if self._kept is None:

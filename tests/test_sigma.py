@@ -397,6 +397,116 @@ def test_describe_reports_bands_in_sigma_and_timesteps():
     assert sigma_band["factors"] == [0.1]
 
 
+def test_describe_has_no_timestep_outside_the_ddpm_range():
+    """Edges below sigma_1 or above sigma_T have no DDPM timestep: None, not a clamped 1 or T."""
+    sig = numpy_ddpm_sigmas()
+    (band,) = Gap(LogNormal(), [[0.005, 400.0]]).describe()["bands"]
+    assert sig[0] > 0.005 and sig[-1] < 400.0
+    assert band["sigma"] == [0.005, 400.0] and band["timestep"] == [None, None]
+    (band,) = Gap(LogNormal(), [[0.5, 400.0]]).describe()["bands"]
+    assert band["timestep"][0] == pytest.approx(float(np.interp(np.log(0.5), np.log(sig), np.arange(1, 1001))))
+    assert band["timestep"][1] is None
+
+
+# ---------------------------------------------------------------- more Gap distributions (both units, both bases)
+def test_gap_ddpm_sigma_band_chi_square():
+    """A sigma band on DDPMUniform drops exactly the atoms with sigma_t inside it (numpy schedule)."""
+    sig = numpy_ddpm_sigmas()
+    band = (0.5, 2.0)
+    inside = (sig >= band[0]) & (sig <= band[1])
+    sampler = Gap(DDPMUniform(), [list(band)])
+    assert sampler.kept_mass == pytest.approx(1.0 - inside.sum() / 1000, abs=1e-14)
+    t = draw_timesteps(sampler, seed=40)
+    assert not np.any(inside[t - 1])
+    counts = np.bincount(t, minlength=1001)[1:][~inside]
+    assert counts.sum() == N_DRAWS
+    result = stats.chisquare(counts)  # uniform over the kept timesteps
+    assert result.pvalue > P_FLOOR, result
+
+
+def test_gap_lognormal_timestep_band_ks():
+    sig = numpy_ddpm_sigmas()
+    log_band = [(math.log(sig[99]), math.log(sig[349]))]
+    s = Gap(LogNormal(), [CELEBA_BAND], unit="timestep").sample(N_DRAWS, gen(41)).sigma.double().numpy()
+    result = stats.kstest(np.log(s), lambda x: gapped_normal_cdf(x, -1.2, 1.2, log_band))
+    assert result.pvalue > P_FLOOR, result
+
+
+# ------------------------------------------------------------------------------------------ atoms / probs
+def test_discrete_wrappers_expose_atoms_and_probs():
+    sig = numpy_ddpm_sigmas()
+    gap = Gap(DDPMUniform(), [CELEBA_BAND], unit="timestep")
+    kept_t = np.r_[1:100, 351:1001]
+    np.testing.assert_allclose(gap.atoms().numpy(), sig[kept_t - 1], rtol=1e-12)
+    torch.testing.assert_close(gap.probs(), torch.full((749,), 1 / 749, dtype=torch.float64), rtol=1e-12, atol=0)
+    # the pmf read off the CDF agrees with probs()
+    pmf = gap.cdf(gap.atoms()) - gap.cdf_below(gap.atoms())
+    torch.testing.assert_close(pmf, gap.probs(), rtol=1e-12, atol=0)
+    reweighted = Reweighted(DDPMUniform(), [CELEBA_BAND], factors=0.5, unit="timestep")
+    assert reweighted.is_discrete
+    assert torch.equal(reweighted.atoms(), DDPMUniform().atoms())
+    assert torch.equal(reweighted.probs(), DDPMUniform().probs())
+
+
+@pytest.mark.parametrize("sampler", [LogNormal(), Gap(LogNormal(), [[0.2, 0.8]]),
+                                     Reweighted(LogNormal(), [[0.2, 0.8]], factors=0.5)])
+def test_continuous_samplers_have_no_atoms(sampler):
+    assert not sampler.is_discrete
+    with pytest.raises(TypeError, match="continuous"):
+        sampler.atoms()
+    with pytest.raises(TypeError, match="continuous"):
+        sampler.probs()
+
+
+@pytest.mark.parametrize("sampler", [LogNormal(), DDPMUniform(), Gap(DDPMUniform(), [CELEBA_BAND], unit="timestep"),
+                                     Gap(LogNormal(), [[0.2, 0.8]])], ids=lambda s: s.describe()["class"])
+@pytest.mark.parametrize("u,shown", [(0.0, "0.0"), (1.5, "1.5"), (-0.25, "-0.25"), (math.nan, "nan")])
+def test_quantile_rejects_levels_outside_unit_interval(sampler, u, shown):
+    with pytest.raises(ValueError, match=rf"\(0, 1\], got \[{shown}\]"):
+        sampler.quantile(torch.tensor([0.5, u], dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------- LightningCLI YAML
+def _instantiate(yaml_text: str) -> SigmaSampler:
+    """Build a sampler from YAML the way LightningCLI does (jsonargparse class_path / init_args)."""
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--sigma_sampler", type=SigmaSampler)
+    cfg = parser.parse_string(yaml_text)
+    build = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    return build(cfg).sigma_sampler
+
+
+def test_yaml_gap_with_timestep_band():
+    sampler = _instantiate(
+        """
+sigma_sampler:
+  class_path: calmwild.sigma.Gap
+  init_args:
+    base: {class_path: calmwild.sigma.DDPMUniform, init_args: {T: 1000}}
+    bands: [[100, 350]]
+    unit: timestep
+"""
+    )
+    assert isinstance(sampler, Gap) and isinstance(sampler.base, DDPMUniform)
+    assert sampler.kept_mass == 749 / 1000
+
+
+@pytest.mark.parametrize("factors,expected", [("0.25", [0.25, 0.25]), ("[0.25, 0.5]", [0.25, 0.5])])
+def test_yaml_reweighted_factors(factors, expected):
+    sampler = _instantiate(
+        f"""
+sigma_sampler:
+  class_path: calmwild.sigma.Reweighted
+  init_args:
+    base: {{class_path: calmwild.sigma.LogNormal, init_args: {{p_mean: -1.2, p_std: 1.2}}}}
+    bands: [[0.05, 0.1], [0.3, 1.6]]
+    factors: {factors}
+"""
+    )
+    assert isinstance(sampler, Reweighted) and sampler.factors == expected
+
+
 # ---------------------------------------------------------------------------------------------- DangerZoneGap
 FAST_ZONE = dict(num_levels=16, num_points=32, num_noises=8, num_queries=32, num_coverage_noises=8)
 
@@ -496,3 +606,10 @@ def test_danger_zone_gap_crossing_fallback():
 def test_danger_zone_gap_construction_errors(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         DangerZoneGap(LogNormal(), **kwargs)
+
+
+def test_timestep_bands_given_as_sigma_are_refused_as_unit_mistakes():
+    with pytest.raises(ValueError, match="did you mean unit: timestep"):
+        Gap(LogNormal(), [[100.0, 350.0]])
+    with pytest.raises(ValueError, match="reaches past the largest noise level"):
+        Gap(DDPMUniform(), [[100.0, 200.0]])
