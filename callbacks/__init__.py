@@ -1,1 +1,11 @@
-"""Lightning callbacks that schedule calmwild's evaluations during training and log their results."""
+"""Lightning callbacks that schedule calmwild's evaluations during training and log their results.
+
+Configure them under ``trainer.callbacks`` with class paths ``callbacks.PerSigmaMSE``, ``callbacks.PerSigmaMemorization``,
+``callbacks.TrajectoryMemorization``, ``callbacks.FID`` and ``callbacks.SampleGrid``.
+"""
+
+from callbacks.base import EvaluationCallback
+from callbacks.per_sigma import PerSigmaMemorization, PerSigmaMSE
+from callbacks.samples import FID, SampleGrid, TrajectoryMemorization
+
+__all__ = ["EvaluationCallback", "FID", "PerSigmaMSE", "PerSigmaMemorization", "SampleGrid", "TrajectoryMemorization"]

@@ -34,7 +34,10 @@ from calmwild.data import InMemoryImageDataModule
 from calmwild.module import DiffusionModule
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# lightning 2.6 with torch 2.14 warns about a torch-internal deprecation on every fit; it says nothing to users.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 WANDB_ID_FILE = "wandb_run_id.txt"
+RUN_DIR_ENV = "CALMWILD_RUN_DIR"
 
 
 def _as_list(value: Any) -> list:
@@ -152,8 +155,11 @@ class CalmwildCLI(LightningCLI):
             if not ckpt.is_file():
                 raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
             run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        elif os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK", "0") != "0":
+            run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP child process re-running the command: same directory
         else:
             run_dir = new_run_dir(root)
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by DDP child processes launched by this one
         self.run_dir = run_dir
         cfg.trainer.default_root_dir = str(run_dir)
         resume_step = None
@@ -218,6 +224,7 @@ class CalmwildCLI(LightningCLI):
                     callback.init_args.dirpath = str(run_dir / "checkpoints")
 
     def after_fit(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective call under DDP: every rank must make it
         if self.trainer.global_rank != 0:
             return
         run_dir = Path(self.trainer.default_root_dir)
@@ -228,7 +235,7 @@ class CalmwildCLI(LightningCLI):
         for logger in self.trainer.loggers:
             where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
             lines.append(f"  {type(logger).__name__}: {where}")
-        config_file = Path(self.trainer.log_dir or run_dir) / "config.yaml"
+        config_file = Path(log_dir or run_dir) / "config.yaml"
         if config_file.exists():
             lines.append(f"  config: {config_file}")
         print("\n".join(lines), flush=True)

@@ -101,8 +101,9 @@ def _unavailable(reason: str, target: Path) -> InceptionWeightsUnavailable:
     return InceptionWeightsUnavailable(
         f"InceptionV3 weights for FID are unavailable: {reason}. Provide the file {INCEPTION_WEIGHTS_NAME} either "
         f"at {target} (that is $TORCH_HOME/hub/checkpoints/{INCEPTION_WEIGHTS_NAME}; TORCH_HOME decides the "
-        f"folder) or anywhere, passing its path as feature_extractor_weights_path. It can be fetched on a machine "
-        f"with network access from {INCEPTION_WEIGHTS_URL}. Offline, use RandomConvFeatures for a (non-FID) "
+        f"folder) or anywhere, passing its path as the weights_path option (calmwild's fid_weights_path; the FID "
+        f"callback's weights_path). It can be fetched on a machine with network access from "
+        f"{INCEPTION_WEIGHTS_URL}. Offline, the 'random' feature extractor (RandomConvFeatures) gives a (non-FID) "
         "random-feature distance."
     )
 
@@ -148,7 +149,7 @@ class InceptionFeatures(nn.Module):
     the TensorFlow graph) for images in [-1, 1]: quantised to uint8 as the network expects (grayscale repeated to
     3 channels), resized to 299x299 inside the network.
 
-    Weights: ``feature_extractor_weights_path`` if given (it must exist), else
+    Weights: ``weights_path`` if given (it must exist), else
     $TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth if present, else a download there when
     ``download`` is true. The file is checked for BEFORE any network access; offline, construction fails within
     about ``download_timeout`` seconds with :class:`InceptionWeightsUnavailable` naming the file to provide.
@@ -157,18 +158,18 @@ class InceptionFeatures(nn.Module):
 
     def __init__(
         self,
-        feature_extractor_weights_path: str | os.PathLike | None = None,
+        weights_path: str | os.PathLike | None = None,
         download: bool = True,
-        download_timeout: float = 10.0,
+        download_timeout: float = 5.0,
         internal_dtype: str = "float32",
     ):
         super().__init__()
         if not download_timeout > 0:
             raise ValueError(f"download_timeout must be positive seconds, got {download_timeout!r}")
-        if feature_extractor_weights_path is not None:
-            path = Path(feature_extractor_weights_path).expanduser()
+        if weights_path is not None:
+            path = Path(weights_path).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"feature_extractor_weights_path {str(path)!r} is not a file; expected the "
+                raise FileNotFoundError(f"weights_path {str(path)!r} is not a file; expected the "
                                         f"InceptionV3 weights {INCEPTION_WEIGHTS_NAME} (from {INCEPTION_WEIGHTS_URL})")
         else:
             path = inception_weights_default_path()
@@ -183,7 +184,7 @@ class InceptionFeatures(nn.Module):
             feature_extractor_internal_dtype=internal_dtype,
         )
         self.weights_path = str(path)
-        self.feature_id = f"torch-fidelity-inception-v3-pool2048:{path.name}:{internal_dtype}"
+        self.feature_id = "inception-v3-2048"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -192,23 +193,29 @@ class InceptionFeatures(nn.Module):
         x = to_uint8(images)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return self.net(x.contiguous())[0].float()
+        return self.net(x.contiguous())[0]
 
 
 class RandomConvFeatures(nn.Module):
-    """A fixed, randomly initialised conv net (deterministic given ``seed``): conv3x3 (width) - ReLU -
-    conv3x3 stride 2 (2 width) - ReLU - adaptive average pool 4x4 - linear to ``dim``, He-scaled Gaussian weights.
+    """A fixed, randomly initialised conv net (deterministic given ``seed``, never trained) for images [B,
+    in_channels, H, W] of any size in [-1, 1]: conv3x3 (32) - ReLU - conv3x3 stride 2 (64) - ReLU - adaptive
+    average pool 4x4 - linear to ``dim``, He-scaled Gaussian weights.
 
-    The Frechet distance in this random-feature space is a stand-in for tests and offline runs: it is zero for
-    identical statistics and grows with distribution shift, but it is NOT comparable with FID.
+    A documented stand-in for offline runs and tests: the Frechet distance in this random-feature space is zero
+    for identical statistics and grows with distribution shift, but it is NOT comparable with FID.
     """
 
-    def __init__(self, in_channels: int, dim: int = 64, seed: int = 0, width: int = 32):
+    width = 32
+
+    def __init__(self, in_channels: int = 3, dim: int = 64, seed: int = 0):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("dim", dim), ("width", width)):
+        for name, value in (("in_channels", in_channels), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        gen = torch.Generator().manual_seed(int(seed))
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        gen = torch.Generator().manual_seed(seed)
+        width = self.width
 
         def he(*shape: int) -> torch.Tensor:
             fan_in = int(np.prod(shape[1:]))
@@ -218,7 +225,7 @@ class RandomConvFeatures(nn.Module):
         self.register_buffer("w2", he(2 * width, width, 3, 3))
         self.register_buffer("w3", he(dim, 2 * width * 16))
         self.in_channels = in_channels
-        self.feature_id = f"random-conv(in={in_channels}, dim={dim}, width={width}, seed={seed})"
+        self.feature_id = f"random-conv-{dim}-seed{seed}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != self.in_channels:
@@ -229,17 +236,25 @@ class RandomConvFeatures(nn.Module):
         return F.adaptive_avg_pool2d(h, 4).flatten(1) @ self.w3.T
 
 
+FEATURE_EXTRACTORS = ("inception", "random")
+
+
 def build_feature_extractor(
-    feature: str, in_channels: int, weights_path: str | os.PathLike | None = None, dim: int = 64, seed: int = 0
+    name: str = "inception",
+    in_channels: int = 3,
+    weights_path: str | os.PathLike | None = None,
+    dim: int = 64,
+    seed: int = 0,
 ) -> nn.Module:
-    """An extractor by name: "inception" -> :class:`InceptionFeatures` (FID proper; ``weights_path`` is its
-    ``feature_extractor_weights_path``), "random" -> :class:`RandomConvFeatures` (``in_channels``, ``dim``,
-    ``seed``; not comparable with FID)."""
-    if feature == "inception":
-        return InceptionFeatures(feature_extractor_weights_path=weights_path)
-    if feature == "random":
+    """An extractor by name: "inception" -> :class:`InceptionFeatures` (FID proper, from ``weights_path`` or
+    $TORCH_HOME; any ``in_channels`` of 1 or 3 works), "random" -> :class:`RandomConvFeatures` (``in_channels``,
+    ``dim``, ``seed``; not comparable with FID)."""
+    if name == "inception":
+        return InceptionFeatures(weights_path=weights_path)
+    if name == "random":
         return RandomConvFeatures(in_channels, dim=dim, seed=seed)
-    raise ValueError(f"feature must be 'inception' or 'random', got {feature!r}")
+    raise ValueError(f"feature extractor name must be one of {', '.join(map(repr, FEATURE_EXTRACTORS))}, "
+                     f"got {name!r}")
 
 
 def extractor_identity(extractor: nn.Module) -> str:
@@ -299,7 +314,8 @@ def extract_features(
 # ------------------------------------------------------------------------------------------------ reference statistics
 class ReferenceStats(NamedTuple):
     """Feature statistics of a reference image set: ``mu`` [F] and ``cov`` [F, F] (float64 numpy), the number of
-    images, the extractor identity (:func:`extractor_identity`) and the content key (sha256 hex, or None)."""
+    images (also as ``num``), the extractor identity (:func:`extractor_identity`) and the content key
+    (:func:`content_key`, 16 hex digits) naming the image set and feature space in reports and cache files."""
 
     mu: np.ndarray
     cov: np.ndarray
@@ -307,15 +323,21 @@ class ReferenceStats(NamedTuple):
     feature_extractor: str
     key: str | None = None
 
+    @property
+    def num(self) -> int:
+        """The number of reference images (alias of ``num_samples``)."""
+        return self.num_samples
+
 
 def content_key(images: torch.Tensor, extractor: nn.Module) -> str:
-    """sha256 of the uint8-quantised images (see :func:`to_uint8`), their shape and the extractor identity."""
+    """The first 16 hex digits of the sha256 of the uint8-quantised images (see :func:`to_uint8`), their shape and
+    the extractor identity (:func:`extractor_identity`, which contains its ``feature_id``)."""
     digest = hashlib.sha256()
     digest.update(f"calmwild-reference-v{CACHE_FORMAT_VERSION}|{tuple(images.shape)}|".encode())
     digest.update(extractor_identity(extractor).encode())
     for start in range(0, images.shape[0], 4096):
         digest.update(to_uint8(images[start : start + 4096]).cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return digest.hexdigest()[:16]
 
 
 def _load_cached(path: Path, key: str) -> ReferenceStats:
@@ -351,19 +373,21 @@ def reference_statistics(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> ReferenceStats:
-    """Feature mean/covariance of a reference set, cached on disk as ``<cache_dir>/<name>-<hash16>.pt``.
+    """Feature mean/covariance of a reference set, cached on disk as ``<cache_dir>/<name>-<key>.pt``.
 
     The key (:func:`content_key`) hashes the uint8-quantised images, their shape and the extractor identity, so
     any change of content or of feature space gives a new file (a change below 1/255 of the range does not).
     Files are written atomically (temporary file + os.replace). A cache file that cannot be read or does not match
-    its key is recomputed and overwritten with a warning, never trusted. ``cache_dir=None`` disables caching.
+    its key is recomputed and overwritten with a warning, never trusted. ``cache_dir=None`` disables caching (the
+    key is still computed and returned).
     """
     if not isinstance(name, str) or not name or os.sep in name or (os.altsep and os.altsep in name):
         raise ValueError(f"name must be a non-empty file-name prefix without path separators, got {name!r}")
-    key, path = None, None
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError(f"images must be a tensor [N, C, H, W], got {getattr(images, 'shape', type(images))}")
+    key, path = content_key(images, extractor), None
     if cache_dir is not None:
-        key = content_key(images, extractor)
-        path = Path(cache_dir) / f"{name}-{key[:16]}.pt"
+        path = Path(cache_dir) / f"{name}-{key}.pt"
         if path.exists():
             try:
                 return _load_cached(path, key)

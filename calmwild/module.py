@@ -16,6 +16,7 @@ beta = 0.5 ** (global_batch / half-life). Checkpoints therefore carry both the l
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -27,6 +28,8 @@ from calmwild.sampling import generate
 from calmwild.sigma import LogNormal, SigmaSampler
 from calmwild.unet import UNet
 
+# The EMA copy is in eval mode on purpose (no dropout); Lightning would warn about it at every fit.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 _STEP_SEED_STRIDE = 1_000_003  # a prime, so (seed, step, rank) keys do not collide for realistic ranks
 
 
@@ -151,6 +154,7 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         images, labels = self._split_batch(batch)
+        self._batch_size, self._step_was_skipped = images.shape[0], False
         gen = torch.Generator().manual_seed(step_seed(self.hparams.seed + 1, self.global_step, self.global_rank))
         draw = self.sigma_sampler.sample(images.shape[0], gen)
         noise = torch.randn(images.shape, generator=gen)
@@ -174,6 +178,7 @@ class DiffusionModule(pl.LightningModule):
                     "the data for NaN/inf, or set model.nan_policy=skip to drop such steps."
                 )
             self.skipped_steps += 1
+            self._step_was_skipped = True
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
             return None
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
@@ -209,11 +214,12 @@ class DiffusionModule(pl.LightningModule):
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if outputs is None:  # skipped step: no optimizer update happened
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update, so callbacks and checkpoints of this step see a current EMA."""
+        super().optimizer_step(*args, **kwargs)
+        if self._step_was_skipped:
             return
-        images, _ = self._split_batch(batch)
-        self.update_ema(global_batch=images.shape[0] * self.trainer.world_size)
+        self.update_ema(global_batch=self._batch_size * self.trainer.world_size)
 
     @torch.no_grad()
     def update_ema(self, global_batch: int) -> None:

@@ -5,7 +5,6 @@ import socket
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from calmwild.fid import (
     InceptionWeightsUnavailable,
     RandomConvFeatures,
     ReferenceStats,
+    build_feature_extractor,
     compute_fid,
     content_key,
     extract_features,
@@ -61,6 +61,17 @@ def test_frechet_distance_of_diagonal_gaussians_matches_closed_form():
     assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10, abs=1e-12)
     as_tensors = [torch.from_numpy(v).float() for v in (mu1, np.diag(a), mu2, np.diag(b))]
     assert frechet_distance(*as_tensors) == pytest.approx(expected, rel=1e-5)
+
+
+def test_frechet_distance_non_commuting_2x2_matches_scipy_sqrtm():
+    s1 = np.array([[2.0, 0.9], [0.9, 1.0]])
+    s2 = np.array([[0.5, -0.3], [-0.3, 1.5]])
+    assert not np.allclose(s1 @ s2, s2 @ s1)
+    mu1, mu2 = np.array([0.3, -1.0]), np.array([1.0, 0.5])
+    root = scipy.linalg.sqrtm(s1 @ s2)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * root).real
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-10)  # symmetric
 
 
 def test_frechet_distance_general_covariances_match_scipy_sqrtm():
@@ -113,14 +124,17 @@ def test_random_conv_features_are_deterministic_and_batch_independent():
     assert a.shape == (20, 64) and a.dtype == torch.float64
     assert not torch.allclose(a, extract_features(images, RandomConvFeatures(1, seed=5)))
     with pytest.raises(ValueError, match="RandomConvFeatures expects"):
-        RandomConvFeatures(3)(images)
+        RandomConvFeatures()(images)  # 3 channels by default
+    assert RandomConvFeatures(dim=16, seed=3).feature_id == "random-conv-16-seed3"
+    assert extract_features(_images(3, 2, size=5), RandomConvFeatures(dim=16)).shape == (3, 16)  # any image size
 
 
 def test_compute_fid_with_reference_statistics_equals_raw_reference():
     extractor = RandomConvFeatures(3, seed=1)
     samples, reference = _images(40, 2), _images(50, 3)
-    stats = reference_statistics(reference, extractor)
-    assert stats.num_samples == 50 and stats.key is None
+    stats = reference_statistics(reference, extractor)  # no cache directory: computed, not written
+    assert stats.num_samples == stats.num == 50 and stats.key == content_key(reference, extractor)
+    assert len(stats.key) == 16 and int(stats.key, 16) >= 0
     assert compute_fid(samples, stats, extractor) == compute_fid(samples, reference, extractor)
     with pytest.raises(ValueError, match="computed with"):
         compute_fid(samples, stats, RandomConvFeatures(3, seed=2))
@@ -145,7 +159,7 @@ def test_reference_cache_is_hit_keyed_by_content_and_survives_corruption(tmp_pat
     images = _images(30, 4)
     first = reference_statistics(images, extractor, tmp_path, "ref", batch_size=8)
     files = list(tmp_path.iterdir())
-    assert extractor.seen == 30 and [f.name for f in files] == [f"ref-{first.key[:16]}.pt"]
+    assert extractor.seen == 30 and [f.name for f in files] == [f"ref-{first.key}.pt"]
 
     again = reference_statistics(images, extractor, tmp_path, "ref")
     assert extractor.seen == 30  # served from the cache
@@ -176,7 +190,7 @@ def test_cache_file_with_wrong_key_is_not_trusted(tmp_path):
     a, b = _images(10, 5), _images(10, 6)
     stats_a = reference_statistics(a, extractor, tmp_path, "ref")
     key_b = content_key(b, extractor)
-    (tmp_path / f"ref-{stats_a.key[:16]}.pt").rename(tmp_path / f"ref-{key_b[:16]}.pt")
+    (tmp_path / f"ref-{stats_a.key}.pt").rename(tmp_path / f"ref-{key_b}.pt")
     with pytest.warns(RuntimeWarning, match="corrupt"):
         stats_b = reference_statistics(b, extractor, tmp_path, "ref")
     assert not np.allclose(stats_b.mu, stats_a.mu) and isinstance(stats_b, ReferenceStats)
@@ -212,7 +226,7 @@ def test_inception_without_network_fails_fast_naming_the_file(empty_torch_home, 
         InceptionFeatures()
     assert time.monotonic() - start < 3
     message = str(info.value)
-    assert str(empty_torch_home) in message and "feature_extractor_weights_path" in message
+    assert str(empty_torch_home) in message and "weights_path" in message and "fid_weights_path" in message
     assert "$TORCH_HOME/hub/checkpoints/" + INCEPTION_WEIGHTS_NAME in message
 
 
@@ -238,7 +252,9 @@ def test_inception_without_download_or_with_a_missing_path(empty_torch_home, tmp
         InceptionFeatures(download=False)
     missing = tmp_path / "nowhere" / "inception.pth"
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        InceptionFeatures(feature_extractor_weights_path=missing)
+        InceptionFeatures(weights_path=missing)
+    with pytest.raises(FileNotFoundError, match="weights_path"):
+        build_feature_extractor("inception", weights_path=missing)
 
 
 def test_inception_uses_a_file_already_in_torch_home(empty_torch_home, monkeypatch):
@@ -254,15 +270,16 @@ def test_inception_uses_a_file_already_in_torch_home(empty_torch_home, monkeypat
     assert extractor.weights_path == str(empty_torch_home)
     features = extract_features(_images(2, 7, channels=1, size=16), extractor)
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
-    assert Path(extractor.weights_path).name in extractor_identity(extractor)
+    assert extractor.feature_id == "inception-v3-2048"
 
 
 def test_build_feature_extractor_by_name(empty_torch_home, monkeypatch):
     random = fid.build_feature_extractor("random", in_channels=1, dim=16, seed=3)
-    assert isinstance(random, RandomConvFeatures)
+    assert isinstance(random, RandomConvFeatures) and random.feature_id == "random-conv-16-seed3"
+    assert random.in_channels == 1
     assert extract_features(_images(3, 0, channels=1), random).shape == (3, 16)
     monkeypatch.setattr(socket, "create_connection", _offline)
     with pytest.raises(InceptionWeightsUnavailable):
         fid.build_feature_extractor("inception", in_channels=3)
-    with pytest.raises(ValueError, match="'inception' or 'random'"):
+    with pytest.raises(ValueError, match="'inception', 'random', got 'clip'"):
         fid.build_feature_extractor("clip", in_channels=3)

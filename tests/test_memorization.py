@@ -157,6 +157,19 @@ def test_per_sigma_mse_of_linear_denoiser_matches_closed_form():
     assert set(curve.to_dict()) == {"sigmas", "mse_per_pixel", "mse_per_pixel_stderr", "num_items"}
 
 
+def test_per_sigma_mse_of_optimal_linear_denoiser_within_reported_stderr():
+    """The posterior mean for x0 ~ N(0, s^2 I) is D(x; sigma) = c x, c = s^2 / (s^2 + sigma^2); its error per pixel
+    is E||D - x0||^2 / d = s^2 sigma^2 / (s^2 + sigma^2). The reported stderr must cover the deviation."""
+    s, shape = 0.7, (1, 6, 6)
+    images = s * torch.randn(150, *shape, generator=_gen(11))
+    sigmas = torch.tensor([0.02, 0.3, 1.0, 20.0])
+    curve = per_sigma_mse(lambda x, sig: (s**2 / (s**2 + sig**2)).view(-1, 1, 1, 1) * x, images, sigmas,
+                          num_noises=3, seed=4, batch_size=100)
+    expected = s**2 * sigmas.double() ** 2 / (s**2 + sigmas.double() ** 2)
+    assert curve.num_items == 450 and (curve.stderr > 0).all()
+    assert ((curve.mse - expected).abs() < 4 * curve.stderr).all(), (curve.mse, expected, curve.stderr)
+
+
 def test_per_sigma_errors_independent_of_batch_size_and_sharding():
     images = torch.randn(23, 1, 4, 4, generator=_gen(6))
     sigmas = [0.1, 1.0]

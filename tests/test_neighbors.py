@@ -18,7 +18,7 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
 @pytest.mark.parametrize("chunks", [(1024, 8192), (7, 13), (1, 1)])
 def test_knn_matches_brute_force(k, chunks):
     g = _gen(0)

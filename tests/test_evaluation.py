@@ -1,0 +1,148 @@
+"""calmwild.evaluation: evaluate_denoiser on tiny random data with closed-form denoisers, checked against brute-force
+computations (nearest-neighbour distances by explicit differences, FID with scipy's sqrtm)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from matplotlib.figure import Figure
+
+from calmwild.denoisers import EmpiricalDenoiser, GaussianDenoiser
+from calmwild.evaluation import (
+    EVALUATION_KEYS,
+    PLOT_FILES,
+    check_sigmas,
+    evaluate_denoiser,
+    memorization_report,
+    plot_sigma_curves,
+    sigma_key,
+)
+from calmwild.fid import build_feature_extractor, extract_features
+from calmwild.memorization import RatioTestResult, summarize_ratio_tests
+from calmwild.sampling import generate
+
+SIGMAS = [80.0, 2.0, 0.05, 0.002]
+SHAPE = (1, 6, 6)
+
+
+def _data(seed: int = 0, num_train: int = 24, num_heldout: int = 20):
+    gen = torch.Generator().manual_seed(seed)
+    train = torch.rand((num_train, *SHAPE), generator=gen) * 2 - 1
+    heldout = torch.rand((num_heldout, *SHAPE), generator=gen) * 2 - 1
+    return train, heldout
+
+
+def _evaluate(denoiser, train, heldout, out, **kwargs):
+    settings = dict(sigmas=SIGMAS, num_images=16, num_noises=2, num_samples=32, steps=8, batch_size=16,
+                    progress=False)
+    settings.update(kwargs)
+    return evaluate_denoiser(denoiser, train, heldout, out, **settings)
+
+
+@pytest.fixture(scope="module")
+def empirical_report(tmp_path_factory):
+    train, heldout = _data()
+    out = tmp_path_factory.mktemp("empirical")
+    report = _evaluate(EmpiricalDenoiser(train), train, heldout, out)
+    return train, heldout, out, report
+
+
+def test_writes_json_with_documented_keys_and_plots(empirical_report):
+    _, _, out, report = empirical_report
+    on_disk = json.loads((out / "evaluation.json").read_text())
+    assert tuple(on_disk) == EVALUATION_KEYS
+    assert on_disk["metrics"] == pytest.approx(report["metrics"])
+    for name in PLOT_FILES.values():
+        assert (out / name).stat().st_size > 1000, name
+    assert (out / PLOT_FILES["nearest_pairs"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    expected = {f"mse/{split}/{sigma_key(s)}" for split in ("train", "heldout", "gap") for s in SIGMAS}
+    expected |= {f"mem/{sigma_key(s)}" for s in SIGMAS} | {"mem/peak_rate", "mem/peak_sigma"}
+    expected |= {"traj_mem/rate", "traj_mem/stderr", "traj_mem/num_samples", "fid/value", "fid/num_samples"}
+    assert set(on_disk["metrics"]) == expected
+    assert on_disk["per_sigma_mse"]["train"]["num_items"] == 16 * 2
+    assert on_disk["trajectory_memorization"]["num_samples"] == 32
+    assert on_disk["fid"]["num_samples"] == 32 and on_disk["fid"]["reference"] == "train"
+    assert "RandomConvFeatures" in on_disk["fid"]["feature_extractor"]
+    assert list((out / "fid_cache").glob("train-*.pt")), "reference statistics were not cached"
+
+
+def test_per_sigma_mse_matches_brute_force(empirical_report):
+    train, heldout, _, report = empirical_report
+    section = report["per_sigma_mse"]
+    small = SIGMAS.index(0.002)
+    # At sigma = 0.002 the empirical denoiser returns the nearest training image: zero error on training images,
+    # the squared distance to the nearest training image (per pixel) on held-out ones.
+    assert section["train"]["mse_per_pixel"][small] < 1e-8
+    diffs = heldout[:16].reshape(16, 1, -1).double() - train.reshape(1, len(train), -1).double()
+    nearest_sq = diffs.square().sum(-1).min(dim=1).values / diffs.shape[-1]
+    assert section["heldout"]["mse_per_pixel"][small] == pytest.approx(float(nearest_sq.mean()), rel=1e-3)
+    gap = np.asarray(section["heldout"]["mse_per_pixel"]) - np.asarray(section["train"]["mse_per_pixel"])
+    np.testing.assert_allclose(section["gap"], gap, rtol=1e-12)
+    for s, g in zip(SIGMAS, gap):
+        assert report["metrics"][f"mse/gap/{sigma_key(s)}"] == pytest.approx(g)
+
+
+def test_per_sigma_memorization_of_empirical_denoiser(empirical_report):
+    _, _, _, report = empirical_report
+    section = report["per_sigma_memorization"]
+    rate = dict(zip(section["sigmas"], section["rate"]))
+    assert rate[0.002] == 1.0  # denoised to the nearest training image exactly
+    assert rate[80.0] == 0.0  # denoised to (nearly) the training mean: no single nearest image
+    assert section["peak_rate"] == 1.0
+    assert section["peak_sigma"] == max(s for s, r in rate.items() if r == 1.0)
+    assert report["metrics"]["mem/peak_sigma"] == section["peak_sigma"]
+
+
+def test_peak_sigma_is_undefined_without_memorization():
+    flags = torch.zeros(len(SIGMAS), 5, dtype=torch.bool)
+    tests = RatioTestResult(flags, torch.ones(flags.shape), torch.zeros(flags.shape, dtype=torch.long),
+                            torch.ones(flags.shape), torch.ones(flags.shape))
+    section, metrics = memorization_report(summarize_ratio_tests(SIGMAS, tests, torch.arange(5), 1, 1 / 3))
+    assert section["peak_rate"] == 0.0 and math.isnan(section["peak_sigma"]) and math.isnan(metrics["mem/peak_sigma"])
+
+
+def test_trajectory_memorization_and_fid_match_independent_computation(empirical_report):
+    train, _, _, report = empirical_report
+    assert report["trajectory_memorization"]["rate"] >= 0.95
+    # FID recomputed from regenerated samples with scipy's matrix square root (independent of calmwild.fid's
+    # eigenvalue route); np.cov uses the same N - 1 divisor.
+    samples = generate(EmpiricalDenoiser(train), 32, SHAPE, seed=0, batch_size=16, progress=False, num_steps=8)
+    extractor = build_feature_extractor("random", in_channels=1)
+    f1, f2 = extract_features(samples, extractor).numpy(), extract_features(train, extractor).numpy()
+    c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    root = scipy.linalg.sqrtm(c1 @ c2).real
+    expected = float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * root))
+    assert report["fid"]["fid"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_gaussian_denoiser_does_not_memorize(tmp_path):
+    train, heldout = _data(seed=1)
+    report = _evaluate(GaussianDenoiser.fit(train), train, heldout, tmp_path, num_noises=1, fid_feature=None,
+                       num_samples=64)
+    assert report["trajectory_memorization"]["rate"] <= 0.05
+    assert report["fid"] is None and "fid/value" not in report["metrics"]
+
+
+def test_sigma_naming_and_validation(tmp_path):
+    assert [sigma_key(s) for s in (80.0, 0.5943, 0.002, 12.912)] == ["sigma_80", "sigma_0.594", "sigma_0.002",
+                                                                       "sigma_12.9"]
+    assert len(check_sigmas(None)) == 18 and check_sigmas(None)[0] == pytest.approx(80.0)
+    with pytest.raises(ValueError, match="distinct at 3 significant digits"):
+        check_sigmas([1.0001, 1.0002])
+    with pytest.raises(ValueError, match="finite positive"):
+        check_sigmas([1.0, -2.0])
+    train, heldout = _data()
+    denoiser = EmpiricalDenoiser(train)
+    with pytest.raises(ValueError, match="fid_feature"):
+        _evaluate(denoiser, train, heldout, tmp_path, fid_feature="vgg")
+    with pytest.raises(ValueError, match="num_samples"):
+        _evaluate(denoiser, train, heldout, tmp_path, num_samples=1)
+    with pytest.raises(ValueError, match="differ in shape"):
+        _evaluate(denoiser, train, heldout[:, :, :4], tmp_path)
+    with pytest.raises(ValueError, match="3 values for 4 sigmas"):
+        plot_sigma_curves(SIGMAS, {"x": ([1.0, 2.0, 3.0], None)}, "y", "t")
+    assert isinstance(plot_sigma_curves(SIGMAS, {"x": ([1.0, 2.0, 3.0, 4.0], [0.1] * 4)}, "y", "t", log_y=True),
+                      Figure)
