@@ -241,7 +241,8 @@ class CalmwildCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
-def lightning_main(args: list[str] | None) -> CalmwildCLI:
+def lightning_main(args: list[str] | None, run: bool = True) -> CalmwildCLI:
+    """LightningCLI over DiffusionModule and any calmwild datamodule; ``run=False`` only instantiates."""
     return CalmwildCLI(
         DiffusionModule,
         InMemoryImageDataModule,
@@ -249,6 +250,7 @@ def lightning_main(args: list[str] | None) -> CalmwildCLI:
         save_config_callback=CalmwildSaveConfig,
         save_config_kwargs={"overwrite": False},
         args=args,
+        run=run,
         auto_configure_optimizers=False,
     )
 
