@@ -33,7 +33,7 @@ from calmwild.denoisers import (
     load_denoiser,
 )
 from calmwild.images import image_grid, pair_grid, save_png
-from calmwild.memorization import ratio_test
+from calmwild.memorization import trajectory_memorization
 from calmwild.outputs import prepare_output_dir, write_json
 from calmwild.sampling import generate
 
@@ -114,12 +114,12 @@ def _sample_and_report(
     report["files"] = {"samples": "samples.pt", "grid": "samples.png"}
     if datamodule is not None:
         train = datamodule.train_images
-        result = ratio_test(samples, train, threshold=threshold)
-        rate = float(result.memorized.float().mean())
+        traj = trajectory_memorization(samples, train, threshold=threshold)
+        result = traj.result
         report["memorization"] = {
             "threshold": threshold,
-            "rate": rate,
-            "stderr": (rate * (1 - rate) / num) ** 0.5,
+            "rate": traj.rate,
+            "stderr": traj.stderr,
             "num_memorized": int(result.memorized.sum()),
             "train_size": int(train.shape[0]),
         }
