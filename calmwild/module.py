@@ -168,7 +168,7 @@ class DiffusionModule(pl.LightningModule):
         loss = (weights * per_sample).mean()
 
         finite = bool(torch.isfinite(loss))
-        if self.trainer is not None:
+        if self._trainer is not None:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             if self.hparams.nan_policy == "raise":
@@ -188,7 +188,7 @@ class DiffusionModule(pl.LightningModule):
 
     def _log_sigma_histogram(self, sigma: torch.Tensor) -> None:
         """Quantiles of the sampled sigmas as scalars (every logger) and a histogram for W&B / TensorBoard."""
-        if self.trainer is None or not self.trainer.loggers:
+        if self._trainer is None or not self.trainer.loggers:
             return
         if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) != 0:
             return
@@ -229,8 +229,7 @@ class DiffusionModule(pl.LightningModule):
         if self.hparams.ema_rampup_ratio is not None:
             halflife = min(halflife, images_seen * self.hparams.ema_rampup_ratio)
         beta = 0.5 ** (global_batch / max(halflife, 1e-8))
-        for p_ema, p in zip(self.net_ema.parameters(), self.net.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - beta)
+        torch._foreach_lerp_(list(self.net_ema.parameters()), [p.detach() for p in self.net.parameters()], 1.0 - beta)
         for b_ema, b in zip(self.net_ema.buffers(), self.net.buffers()):
             b_ema.copy_(b)
 

@@ -1,0 +1,93 @@
+"""Smoke test of scripts/bench.py: the quick mode at tiny sizes runs every benchmark through the real entry point and
+emits one JSON object (stdout and --out) whose calmwild figures agree with their naive / float64 counterparts."""
+
+import json
+import logging
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+TINY = ["--quick", "--device", "cpu", "--threads", "1", "--batch-size", "8", "--warmup-steps", "1",
+        "--timed-steps", "2", "--train-repeats", "1", "--repeats", "1", "--num-samples", "4",
+        "--sample-batch-size", "4", "--sampling-steps", "3", "--knn-queries", "40", "--num-references", "300",
+        "--num-queries", "40", "--num-sigmas", "4", "--base-points", "5", "--noises", "4"]
+
+
+def run_script(monkeypatch, capsys, args: list[str]) -> tuple[dict, str]:
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args])
+    threads = torch.get_num_threads()
+    loggers = {name: logging.getLogger(name).level for name in ("lightning.pytorch", "lightning.fabric")}
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    finally:  # the script sets process-wide state that other tests in this session must not inherit
+        torch.set_num_threads(threads)
+        for name, level in loggers.items():
+            logging.getLogger(name).setLevel(level)
+    captured = capsys.readouterr()
+    return json.loads(captured.out), captured.err
+
+
+def positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_quick_mode_runs_every_benchmark_and_writes_one_json_object(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.json"
+    record, progress = run_script(monkeypatch, capsys, [*TINY, "--out", str(out)])
+    assert json.loads(out.read_text()) == record
+    assert "[bench]" in progress  # progress lines go to stderr, stdout is the JSON alone
+    assert record["config"] == "quick" and record["device"] == "cpu" and record["torch"]
+    assert record["reference"]["edm_h100"]["training_img_per_s_batch128"]["fp32"] == 334.0
+    results = record["results"]
+    assert set(results) == {"training", "sampling", "knn", "empirical", "geometry"}
+
+    fp32 = results["training"]["variants"]["fp32"]
+    assert positive(fp32["calmwild_lightning_fit"]["img_per_s"]) and positive(fp32["plain_pytorch_loop"]["img_per_s"])
+    assert positive(fp32["ratio_lightning_to_plain"])
+    assert fp32["settings"]["precision"] == "32-true"
+
+    paths = results["sampling"]["paths"]
+    assert len(paths) == 2
+    fast = paths["float32-state fp32-network"]
+    assert positive(fast["samples_per_s"]) and fast["max_abs_diff_to_reference"] < 1e-3
+
+    knn = results["knn"]
+    for name in ("calmwild_knn", "naive_cdist_topk"):
+        assert positive(knn[name]["tflops"]) and knn[name]["max_abs_distance_error"] < 1e-3
+    assert knn["calmwild_knn"]["index_agreement"] == 1.0
+
+    empirical = results["empirical"]
+    assert empirical["calmwild_empirical_denoiser"]["max_abs_error_vs_float64"] < 1e-3
+    assert positive(empirical["ratio_calmwild_to_naive"])
+
+    geometry = results["geometry"]
+    assert positive(geometry["calmwild_total_seconds"]) and positive(geometry["naive_total_seconds"])
+    assert len(geometry["calmwild"]) == 2
+
+    # the comparison with the EDM H100 figures only runs on CUDA: exercise it on this record
+    from bench.reference import compare
+
+    ratios = compare(results, "NVIDIA H100 80GB HBM3")
+    assert ratios["training fp32"]["vs_edm_fp32"] == pytest.approx(fp32["calmwild_lightning_fit"]["img_per_s"] / 334.0)
+    assert ratios["knn"]["fraction_of_datasheet_fp32_peak"] == pytest.approx(knn["calmwild_knn"]["tflops"] / 67.0)
+    assert positive(ratios["geometry"]["target_seconds_over_measured"])
+
+
+def test_only_selects_benchmarks_and_skips_a_naive_path_that_does_not_fit(monkeypatch, capsys):
+    record, _ = run_script(monkeypatch, capsys, [*TINY, "--only", "knn", "--memory-fraction", "1e-12"])
+    assert set(record["results"]) == {"knn"}
+    knn = record["results"]["knn"]
+    assert "naive_cdist_topk" not in knn and knn["note"].startswith("naive skipped")
+    assert knn["calmwild_knn"]["index_agreement"] == 1.0
+
+
+def test_unknown_benchmark_is_rejected(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        run_script(monkeypatch, capsys, ["--quick", "--only", "knn,speed"])
+    assert "speed" in capsys.readouterr().err
