@@ -138,6 +138,24 @@ class CalmwildCLI(LightningCLI):
             help="If W&B is configured online but its server cannot be reached, log offline instead of failing.",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Checks that --ckpt_path names a readable calmwild checkpoint before Lightning reads its hyperparameters."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).is_file():
+            try:
+                checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            except Exception as err:  # torch raises many types for a damaged file
+                raise ValueError(
+                    f"--ckpt_path {ckpt_path} is not a readable calmwild checkpoint ({type(err).__name__}: {err})"
+                ) from err
+            if not isinstance(checkpoint, dict) or "calmwild" not in checkpoint:
+                raise ValueError(
+                    f"--ckpt_path {ckpt_path} is not a calmwild checkpoint (no 'calmwild' entry): resume only from "
+                    "checkpoints written by `calmwild fit`"
+                )
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
             return

@@ -33,7 +33,7 @@ from calmwild.denoisers import (
     load_denoiser,
 )
 from calmwild.images import image_grid, pair_grid, save_png
-from calmwild.memorization import trajectory_memorization
+from calmwild.memorization import check_threshold, trajectory_memorization
 from calmwild.outputs import prepare_output_dir, write_json
 from calmwild.sampling import generate
 
@@ -168,6 +168,7 @@ def sample(
         threshold: ratio-test threshold in (0, 1).
         overwrite: allow writing into a non-empty directory.
     """
+    check_threshold(threshold)
     out = prepare_output_dir(out, overwrite)
     datamodule = load_datamodule(data) if data else None
     denoiser = resolve_denoiser(ckpt, datamodule, device)
@@ -222,6 +223,7 @@ def swap(
     """
     if sigma_bands is None and band is None:
         raise ValueError(f"give --band (one of {sorted(SWAP_PRESETS)}) or --sigma_bands")
+    check_threshold(threshold)
     out = prepare_output_dir(out, overwrite)
     datamodule = load_datamodule(data) if data else None
     base_d = resolve_denoiser(base, datamodule, device)
@@ -350,6 +352,7 @@ def evaluate(
     """
     from calmwild.evaluation import evaluate_denoiser
 
+    check_threshold(threshold)
     out = prepare_output_dir(out, overwrite)
     datamodule = load_datamodule(data)
     denoiser = resolve_denoiser(ckpt, datamodule, device)

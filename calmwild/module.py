@@ -117,10 +117,17 @@ class DiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
-        """Data-dependent samplers (e.g. ``DangerZoneGap``) are prepared once on rank 0 and broadcast."""
+        """Checks the data's image shape against the backbone's, then prepares data-dependent samplers
+        (e.g. ``DangerZoneGap``) once on rank 0 and broadcasts them."""
+        datamodule = self.trainer.datamodule
+        data_shape = tuple(getattr(datamodule, "image_shape", None) or ()) if datamodule is not None else ()
+        if data_shape and data_shape != tuple(self.image_shape):
+            raise ValueError(
+                f"the data has images of shape {data_shape} but the backbone is built for {tuple(self.image_shape)}"
+                " (model.backbone.init_args.in_channels / img_resolution)"
+            )
         if stage != "fit" or type(self.sigma_sampler).prepare is SigmaSampler.prepare:
             return
-        datamodule = self.trainer.datamodule
         record = None
         if self.global_rank == 0:
             record = self.sigma_sampler.prepare(datamodule.train_images, datamodule.heldout_images)
@@ -222,9 +229,12 @@ class DiffusionModule(pl.LightningModule):
         self.update_ema(global_batch=self._batch_size * self.trainer.world_size)
 
     @torch.no_grad()
-    def update_ema(self, global_batch: int) -> None:
-        """EDM's EMA update after an optimizer step (Karras et al. 2022, training loop of App. F)."""
-        images_seen = (self.global_step) * global_batch
+    def update_ema(self, global_batch: int, images_seen: int | None = None) -> None:
+        """EDM's EMA update after an optimizer step (Karras et al. 2022, training loop of App. F): with
+        ``images_seen`` counting the batch just trained on (default (global_step + 1) * global_batch),
+        half-life = min(ema_halflife_images, ema_rampup_ratio * images_seen), beta = 0.5 ** (global_batch / half-life)."""
+        if images_seen is None:
+            images_seen = (self.global_step + 1) * global_batch
         halflife = self.hparams.ema_halflife_images
         if self.hparams.ema_rampup_ratio is not None:
             halflife = min(halflife, images_seen * self.hparams.ema_rampup_ratio)

@@ -61,22 +61,24 @@ def test_ema_update_matches_edm_half_life_formula():
     with torch.no_grad():
         for p in module.net.parameters():
             p.add_(1.0)
-    module.update_ema(global_batch=100)
+    module.update_ema(global_batch=100, images_seen=5000)
     beta = 0.5 ** (100 / 1000.0)
     for name, p in module.net.named_parameters():
         expected = beta * start[name] + (1 - beta) * p
         assert torch.allclose(module.net_ema.state_dict()[name], expected, atol=1e-6), name
 
 
-def test_ema_ramp_up_starts_from_the_live_weights():
-    # At step 0 the ramped half-life is 0 images: the EMA copies the live weights (EDM's ramp-up).
+def test_ema_ramp_up_after_the_first_batch_follows_edm():
+    # After the first batch (64 images seen) the ramped half-life is 0.05 * 64 images, so beta = 0.5 ** 20.
     module = tiny_module(ema_halflife_images=1e6, ema_rampup_ratio=0.05)
+    start = [p.detach().clone() for p in module.net_ema.parameters()]
     with torch.no_grad():
         for p in module.net.parameters():
             p.add_(0.5)
     module.update_ema(global_batch=64)
-    for p_ema, p in zip(module.net_ema.parameters(), module.net.parameters()):
-        assert torch.equal(p_ema, p)
+    beta = 0.5 ** (64 / (0.05 * 64))
+    for p_ema, p0, p in zip(module.net_ema.parameters(), start, module.net.parameters()):
+        assert torch.allclose(p_ema, beta * p0 + (1 - beta) * p, atol=1e-7)
 
 
 def test_step_seeds_differ_by_step_and_rank():

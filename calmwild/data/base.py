@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from calmwild.data.convert import content_hash
 
@@ -37,26 +37,114 @@ def check_subset(name: str, requested: int, available: int, where: str) -> None:
         raise ValueError(f"{name} = {requested} exceeds the {available} images available in {where}")
 
 
-class EpochSeededSampler(RandomSampler):
-    """A random permutation per epoch drawn from a generator seeded with (seed, epoch) only.
+class EpochSeededSampler(DistributedSampler):
+    """One random permutation per epoch, drawn from (seed, epoch) only; each DDP rank serves its slice of every
+    global batch; an interrupted epoch can resume at any batch.
 
-    Lightning calls ``set_epoch`` at the start of every training epoch, so the order of epoch e is the same whether
-    the run went through uninterrupted or was resumed from a checkpoint saved at an epoch boundary. (A mid-epoch
-    resume restarts that epoch's permutation from its beginning.) Under DDP Lightning replaces any RandomSampler by
-    its DistributedSampler, which is seeded with the global seed and the epoch in the same way."""
+    With B = ``batch_size`` (per rank), W = ``num_replicas`` and G = B * W, the permutation p of epoch e is split into
+    floor(N / G) global batches; rank r serves p[k G + r B : k G + (r + 1) B] as its batch k. One process with batch
+    G therefore trains on exactly the images that W processes with batch B train on together, step by step. A
+    trailing part of p shorter than G is dropped (EDM's loss expects fixed batches). With the defaults (B = 1,
+    W = 1) the sampler yields the whole permutation.
 
-    def __init__(self, data_source: TensorDataset, seed: int = 0):
-        super().__init__(data_source)
-        self.seed = seed
-        self.epoch = 0
+    The order does not depend on any RNG state: a resumed run reproduces epoch e from (seed, e). Lightning calls
+    :meth:`set_epoch` before every training epoch. :meth:`resume_at` makes the next pass over epoch e start at batch
+    k, so a run resumed from a mid-epoch checkpoint serves the batches the uninterrupted run would have served
+    (see :class:`ResumableDataLoader`, which records the position in checkpoints).
+
+    Why a ``DistributedSampler`` subclass: Lightning leaves a ``DistributedSampler`` in place under DDP, while it
+    would replace any other sampler by its own (interleaved, seeded with the global seed), which breaks both the
+    equality with a single process and mid-epoch resume. It never calls into ``torch.distributed``: the rank and
+    the number of ranks are given.
+
+    Args:
+        data_source: the served dataset (only its length is used).
+        seed: seed of the permutations.
+        batch_size: per-rank batch size B.
+        num_replicas: number of DDP ranks W.
+        rank: this process's rank r in [0, W).
+    """
+
+    def __init__(self, data_source: TensorDataset, seed: int = 0, batch_size: int = 1, num_replicas: int = 1,
+                 rank: int = 0):
+        check_count("batch_size", batch_size)
+        check_count("num_replicas", num_replicas)
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank}")
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.data_source = data_source
+        self.batch_size = batch_size
+        self.steps_per_epoch = len(data_source) // (batch_size * num_replicas)
+        self._resume: tuple[int, int] | None = None  # (epoch, first batch) of the next pass
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self):
+    def resume_at(self, epoch: int, batch: int) -> None:
+        """The next pass over ``epoch`` starts at its batch ``batch`` (passes over other epochs start at 0)."""
+        if not 0 <= batch <= self.steps_per_epoch:
+            raise ValueError(f"cannot resume at batch {batch} of an epoch of {self.steps_per_epoch} batches")
+        self._resume = (int(epoch), int(batch))
+
+    def first_batch(self) -> int:
+        """The batch the next pass over the current epoch starts at (0 unless :meth:`resume_at` said otherwise)."""
+        return self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+
+    def permutation(self) -> list[int]:
+        """The permutation of the current epoch (all ranks draw the same one)."""
         # numpy's SeedSequence hashes the pair (seed, epoch) into the full PCG64 state; torch's CPU generator would keep
         # only 32 bits of a combined integer seed, so different (seed, epoch) pairs could share a permutation.
-        yield from np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data_source)).tolist()
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data_source)).tolist()
+
+    def __iter__(self):
+        start = self.first_batch()
+        self._resume = None
+        order = self.permutation()
+        size, global_size = self.batch_size, self.batch_size * self.num_replicas
+        for k in range(start, self.steps_per_epoch):
+            offset = k * global_size + self.rank * size
+            yield from order[offset : offset + size]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.batch_size
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochSeededSampler` whose position in the epoch is saved in checkpoints.
+
+    Lightning stores ``state_dict()`` of a training dataloader that has ``state_dict`` / ``load_state_dict`` in the
+    checkpoint (``loops.fit_loop.state_dict.combined_loader``) and hands it back on resume before the first batch;
+    without it Lightning restarts an interrupted epoch from its first batch while counting the batches already done
+    (a different data order than the uninterrupted run). The position is counted in batches handed to the training
+    loop, not in indices drawn from the sampler, so worker prefetching does not shift it. Iteration is lazy: the
+    sampler starts when the first batch is requested, after Lightning's ``set_epoch``.
+    """
+
+    @property
+    def epoch_sampler(self) -> EpochSeededSampler:
+        return self.batch_sampler.sampler
+
+    def __iter__(self):
+        sampler = self.epoch_sampler
+        served = sampler.first_batch()
+        self._position = (sampler.epoch, served)
+        for batch in super().__iter__():
+            served += 1
+            self._position = (sampler.epoch, served)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, served = getattr(self, "_position", (self.epoch_sampler.epoch, 0))
+        return {"epoch": epoch, "batches_served": served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, served = int(state["epoch"]), int(state["batches_served"])
+        sampler = self.epoch_sampler
+        if served >= sampler.steps_per_epoch:  # saved after the epoch's last batch: the next epoch starts afresh
+            epoch, served = epoch + 1, 0
+        sampler.set_epoch(epoch)
+        sampler.resume_at(epoch, served)
+        self._position = (epoch, served)
 
 
 def _jsonable(value: Any) -> Any:
@@ -112,7 +200,9 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
         self._hashes: dict[str, str] = {}
         # hparams = constructor arguments of the concrete class (saved in checkpoints, reported by describe());
         # a wrapped datamodule ("base") is described by its own describe(), never pickled into hparams.
-        self.save_hyperparameters(ignore=["base"])
+        # logger=False: Lightning would merge them with the module's hparams for the loggers and stop the run when a
+        # key of both differs (``seed`` here and in DiffusionModule); the CLI's config.yaml records them instead.
+        self.save_hyperparameters(ignore=["base"], logger=False)
 
     # ----- to implement -------------------------------------------------------------------------------------------
     @abstractmethod
@@ -129,8 +219,8 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
         if self._train is not None:
             return
         train, heldout, labels = self.load()
-        train = _checked_images(train, "training")
-        heldout = _checked_images(heldout, "held-out")
+        train = _checked_images(train, "training", self.origin())
+        heldout = _checked_images(heldout, "held-out", self.origin())
         if train.shape[1:] != heldout.shape[1:]:
             raise ValueError(
                 f"training images {tuple(train.shape[1:])} and held-out images {tuple(heldout.shape[1:])} "
@@ -173,25 +263,38 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
         return tuple(self.train_images.shape[1:])
 
     def train_dataloader(self) -> DataLoader:
-        """Batches of exactly ``batch_size`` served images (and labels), shuffled per epoch; the last partial batch is
-        dropped, so ``batch_size`` may not exceed the number of served images (ValueError naming both)."""
+        """Batches of exactly ``batch_size`` served images (and labels) per rank, shuffled per epoch
+        (:class:`EpochSeededSampler`: under DDP each rank serves its slice of a global batch of
+        ``batch_size * world_size``), resumable mid-epoch (:class:`ResumableDataLoader`). The last partial global
+        batch is dropped, so ``batch_size * world_size`` may not exceed the number of served images (ValueError naming
+        the numbers)."""
         served = len(self.served_images)
-        if self.batch_size > served:
+        world, rank = self._distribution()
+        if self.batch_size * world > served:
+            ranks = f" x {world} ranks = {self.batch_size * world}" if world > 1 else ""
             raise ValueError(
-                f"batch_size={self.batch_size} exceeds the {served} training images served; with drop_last there "
-                "would be no batch at all: lower batch_size or use more training images"
+                f"batch_size={self.batch_size}{ranks} exceeds the {served} training images served; with drop_last "
+                "there would be no batch at all: lower batch_size or use more training images"
             )
         tensors = [self.served_images] if self.served_labels is None else [self.served_images, self.served_labels]
         dataset = TensorDataset(*tensors)
-        return DataLoader(
+        sampler = EpochSeededSampler(dataset, seed=self.seed, batch_size=self.batch_size, num_replicas=world, rank=rank)
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochSeededSampler(dataset, seed=self.seed),
+            sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _distribution(self) -> tuple[int, int]:
+        """(number of ranks, this rank) of the attached trainer; (1, 0) for a datamodule used on its own."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
 
     # ----- provenance ---------------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -238,20 +341,25 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
             )
 
 
-def _checked_images(images: torch.Tensor, what: str) -> torch.Tensor:
+def _checked_images(images: torch.Tensor, what: str, source: str) -> torch.Tensor:
+    """The images as float32 CPU [N, C, H, W] in [-1, 1]; errors name the set, the first offending image and the
+    source (:meth:`InMemoryImageDataModule.origin`)."""
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
         got = f"a tensor of dtype {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise TypeError(f"{what} images must be a float tensor [N, C, H, W], got {got}")
+        raise TypeError(f"{what} images from {source} must be a float tensor [N, C, H, W], got {got}")
     if images.ndim != 4:
-        raise ValueError(f"{what} images must have shape [N, C, H, W], got {tuple(images.shape)}")
+        raise ValueError(f"{what} images from {source} must have shape [N, C, H, W], got {tuple(images.shape)}")
     if images.shape[0] == 0:
-        raise ValueError(f"the {what} set is empty: at least one image is needed")
+        raise ValueError(f"the {what} set is empty (source: {source}): at least one image is needed")
     finite = torch.isfinite(images)
     if not finite.all():
-        raise ValueError(f"{int((~finite).sum())} NaN/inf pixel values in the {what} images")
+        first = int((~finite).flatten(1).any(1).nonzero()[0])
+        raise ValueError(
+            f"{int((~finite).sum())} NaN/inf pixel values in the {what} images (first in image {first}) from {source}"
+        )
     lo, hi = float(images.min()), float(images.max())
     if lo < -1.0 - 1e-5 or hi > 1.0 + 1e-5:
-        raise ValueError(f"{what} images must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
+        raise ValueError(f"{what} images from {source} must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
     return images.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
