@@ -1,0 +1,239 @@
+"""Risk scores and rank statistics against independent computations: brute-force pair counts, scipy's rank
+statistics, explicit softmax weights, and a synthetic set whose isolated points must score highest."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from calmwild.risk import (
+    auroc_null_std,
+    expected_self_weight,
+    kernel_self_weight,
+    knn_distance_score,
+    leave_one_out_neighbors,
+    midranks,
+    nearest_neighbor_score,
+    random_score_baseline,
+    random_scores,
+    reproduction_counts,
+    risk_auroc,
+    spearman,
+    spearman_null_std,
+)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def brute_auroc(scores, positives) -> float:
+    """Fraction of (positive, negative) pairs ranked correctly, ties counting one half: every pair enumerated."""
+    pos = [s for s, p in zip(scores, positives) if p]
+    neg = [s for s, p in zip(scores, positives) if not p]
+    total = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    return total / (len(pos) * len(neg))
+
+
+def brute_distances(train: torch.Tensor) -> torch.Tensor:
+    flat = train.flatten(1).double()
+    return ((flat.unsqueeze(1) - flat.unsqueeze(0)) ** 2).sum(-1).sqrt()
+
+
+def clustered_with_outliers(seed: int = 0):
+    """Four tight clusters of 20 points in 16-d plus 6 isolated points far from everything (indices 80-85)."""
+    g = _gen(seed)
+    centres = 3.0 * torch.randn(4, 16, generator=g, dtype=torch.float64)
+    clusters = (centres.repeat_interleave(20, 0) + 0.1 * torch.randn(80, 16, generator=g, dtype=torch.float64))
+    outliers = 8.0 * torch.randn(6, 16, generator=g, dtype=torch.float64)
+    return torch.cat([clusters, outliers]).float().reshape(86, 1, 4, 4), torch.arange(80, 86)
+
+
+# ------------------------------------------------------------------------------------------------ rank statistics
+def test_midranks_match_scipy_with_ties():
+    x = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], dtype=float)
+    np.testing.assert_array_equal(midranks(x), stats.rankdata(x, method="average"))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auroc_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, size=57).astype(float)  # many ties
+    positives = rng.random(57) < 0.35
+    assert risk_auroc(scores, positives) == pytest.approx(brute_auroc(scores, positives), abs=1e-12)
+
+
+def test_auroc_extremes_and_torch_inputs():
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8])
+    mask = torch.tensor([False, False, False, True, True])
+    assert risk_auroc(scores, mask) == 1.0
+    assert risk_auroc(-scores, mask) == 0.0
+    assert risk_auroc(torch.ones(5), mask) == 0.5
+
+
+def test_auroc_refuses_one_class_and_bad_input():
+    with pytest.raises(ValueError, match="positives and negatives"):
+        risk_auroc([0.1, 0.2], [True, True])
+    with pytest.raises(ValueError, match="3 scores for 2"):
+        risk_auroc([0.1, 0.2, 0.3], [True, False])
+    with pytest.raises(ValueError, match="boolean"):
+        risk_auroc([0.1, 0.2], [2, 0])
+    with pytest.raises(ValueError, match="non-finite"):
+        risk_auroc([0.1, float("nan")], [True, False])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spearman_matches_scipy_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 8, size=40).astype(float)
+    b = a + rng.integers(0, 5, size=40)
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_spearman_refuses_constant_and_mismatched_input():
+    with pytest.raises(ValueError, match="constant"):
+        spearman([1, 2, 3], [0, 0, 0])
+    with pytest.raises(ValueError, match="3 values but b has 2"):
+        spearman([1, 2, 3], [1, 2])
+
+
+def test_random_baseline_is_chance_level():
+    """The seeded draw is reported as is; over many seeds the mean AUROC is 0.5 within 4 standard errors, the mean
+    Spearman rho is 0 likewise, and the spreads match the null standard deviations."""
+    mask = np.zeros(60, dtype=bool)
+    mask[:20] = True
+    counts = np.arange(60) % 7
+    out = random_score_baseline(mask, counts, seed=3, num_draws=400)
+    assert out["auroc"] == pytest.approx(risk_auroc(random_scores(60, 3), mask))
+    assert out["spearman"] == pytest.approx(stats.spearmanr(random_scores(60, 3).numpy(), counts).statistic)
+    null_auroc, null_rho = auroc_null_std(20, 40), 1 / math.sqrt(59)
+    assert out["auroc_null_std"] == pytest.approx(null_auroc)
+    assert out["spearman_null_std"] == pytest.approx(null_rho)
+    draws = np.array([risk_auroc(random_scores(60, s), mask) for s in range(3, 403)])
+    assert out["auroc_draws"]["mean"] == pytest.approx(draws.mean()) and out["auroc_draws"]["num"] == 400
+    assert abs(out["auroc_draws"]["mean"] - 0.5) < 4 * null_auroc / math.sqrt(400)
+    assert 0.8 * null_auroc < out["auroc_draws"]["std"] < 1.2 * null_auroc
+    assert abs(out["spearman_draws"]["mean"]) < 4 * null_rho / math.sqrt(400)
+    assert 0.8 * null_rho < out["spearman_draws"]["std"] < 1.2 * null_rho
+
+
+def test_random_baseline_undefined_statistics_are_none():
+    out = random_score_baseline([True, True, True], counts=[2, 2, 2], num_draws=5)
+    assert out["auroc"] is None and out["spearman"] is None
+    assert out["auroc_draws"] is None and out["spearman_draws"] is None
+    with pytest.raises(ValueError, match="num_draws"):
+        random_score_baseline([True, False], num_draws=-1)
+
+
+def test_null_stds_validate():
+    assert spearman_null_std(5) == 0.5
+    with pytest.raises(ValueError, match="at least 2"):
+        spearman_null_std(1)
+    with pytest.raises(ValueError, match="n_neg"):
+        auroc_null_std(3, 0)
+
+
+# ------------------------------------------------------------------------------------------------ neighbours
+def test_leave_one_out_neighbors_match_brute_force():
+    train = torch.randn(40, 1, 4, 4, generator=_gen(1))
+    dist, index = leave_one_out_neighbors(train, k=3)
+    full = brute_distances(train)
+    full.fill_diagonal_(math.inf)
+    expected_d, expected_i = torch.sort(full, dim=1, stable=True)
+    torch.testing.assert_close(dist.double(), expected_d[:, :3], rtol=1e-5, atol=1e-6)
+    assert torch.equal(index, expected_i[:, :3])
+
+
+def test_leave_one_out_keeps_duplicates_as_neighbours():
+    train = torch.randn(10, 1, 2, 2, generator=_gen(2))
+    train[7] = train[2]
+    dist, index = leave_one_out_neighbors(train, k=1)
+    assert index[2, 0] == 7 and index[7, 0] == 2
+    assert dist[2, 0] == 0 and dist[7, 0] == 0
+    assert (index[:, 0] != torch.arange(10)).all()
+
+
+def test_neighbour_scores_are_relative_distances():
+    train = torch.randn(31, 1, 3, 3, generator=_gen(3))
+    full = brute_distances(train)
+    full.fill_diagonal_(math.inf)
+    d1 = full.min(dim=1).values
+    torch.testing.assert_close(nearest_neighbor_score(train), d1 / d1.median(), rtol=1e-5, atol=1e-6)
+    mean5 = torch.sort(full, dim=1).values[:, :5].mean(dim=1)
+    torch.testing.assert_close(knn_distance_score(train, k=5), mean5 / mean5.median(), rtol=1e-5, atol=1e-6)
+
+
+def test_scores_refuse_bad_input():
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        nearest_neighbor_score([[0.0, 1.0]])
+    with pytest.raises(ValueError, match="at least 2"):
+        nearest_neighbor_score(torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"k must lie in \[1, 4\]"):
+        knn_distance_score(torch.randn(5, 1, 2, 2), k=5)
+    with pytest.raises(ValueError, match="median neighbour distance is 0"):
+        nearest_neighbor_score(torch.zeros(4, 1, 2, 2))
+    with pytest.raises(ValueError, match="sigma"):
+        kernel_self_weight(torch.randn(4, 1, 2, 2), sigma=0.0)
+    with pytest.raises(ValueError, match="num_noises"):
+        expected_self_weight(torch.randn(4, 1, 2, 2), sigma=1.0, num_noises=0)
+
+
+# ------------------------------------------------------------------------------------------------ kernel scores
+def test_kernel_self_weight_matches_explicit_softmax():
+    train = torch.randn(25, 1, 3, 3, generator=_gen(4))
+    sigma = 1.3
+    d2 = brute_distances(train) ** 2
+    expected = torch.softmax(-d2 / (2 * sigma**2), dim=1).diagonal()
+    torch.testing.assert_close(kernel_self_weight(train, sigma, chunk_size=7), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_kernel_self_weight_limits():
+    train = torch.randn(12, 1, 2, 2, generator=_gen(5))
+    torch.testing.assert_close(kernel_self_weight(train, 1e-3), torch.ones(12, dtype=torch.float64))
+    torch.testing.assert_close(kernel_self_weight(train, 1e4), torch.full((12,), 1 / 12, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+
+
+def test_expected_self_weight_matches_explicit_monte_carlo():
+    """Same documented noise draws, weights by an explicit softmax over explicit distances."""
+    train = torch.randn(15, 1, 2, 3, generator=_gen(6))
+    sigma, num_noises = 0.8, 5
+    got = expected_self_weight(train, sigma, num_noises, generator=_gen(11), chunk_size=4)
+    g, y = _gen(11), train.double().flatten(1)
+    total = torch.zeros(15, dtype=torch.float64)
+    for _ in range(num_noises):
+        x = y + sigma * torch.randn(train.shape, generator=g, dtype=torch.float64).flatten(1)
+        d2 = ((x.unsqueeze(1) - y.unsqueeze(0)) ** 2).sum(-1)
+        total += torch.softmax(-d2 / (2 * sigma**2), dim=1).diagonal()
+    torch.testing.assert_close(got, total / num_noises, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("score", ["nn", "knn", "kernel", "expected"])
+def test_isolated_points_get_the_highest_scores(score):
+    train, isolated = clustered_with_outliers()
+    if score == "nn":
+        values = nearest_neighbor_score(train)
+    elif score == "knn":
+        values = knn_distance_score(train, k=5)
+    elif score == "kernel":
+        values = kernel_self_weight(train, sigma=1.0)
+    else:
+        values = expected_self_weight(train, sigma=1.0, num_noises=8, generator=_gen(0))
+    top = torch.topk(values, len(isolated)).indices
+    assert set(top.tolist()) == set(isolated.tolist())
+    mask = torch.zeros(len(train), dtype=torch.bool)
+    mask[isolated] = True
+    assert risk_auroc(values, mask) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ reproduction
+def test_reproduction_counts_count_only_memorized_samples():
+    counts = reproduction_counts(torch.tensor([0, 2, 2, 1, 2, 0]), torch.tensor([True, True, True, False, False, True]),
+                                 num_train=4)
+    assert counts.tolist() == [2, 0, 2, 0]
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        reproduction_counts([0, 4], [True, True], num_train=4)
+    with pytest.raises(ValueError, match="2 nearest indices for 3"):
+        reproduction_counts([0, 1], [True, True, False], num_train=4)
