@@ -1,7 +1,7 @@
 """The dataset-only geometry report (paper Section 4, Fig. 3 / Fig. 8): posterior weight and shell coverage along
 the noise schedule, Theorem 4.8's bounds, Theorem 4.2's thresholds and the danger zone -- computed before any
 training -- written as ``geometry.json`` (stable keys, :data:`calmwild.geometry.GEOMETRY_KEYS`) and
-``geometry.png``.
+``geometry.png``; and the per-training-image risk scores (:mod:`calmwild.risk`) as ``risk.json`` and ``risk.png``.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ from calmwild.geometry import (
     shell_probability_bound,
     shell_radii,
 )
+from calmwild.images import image_grid, save_png
 from calmwild.neighbors import flatten
 from calmwild.outputs import write_json
+from calmwild.risk import PRIMARY_SCORE, danger_zone_bandwidth, risk_scores
 from calmwild.schedule import edm_sigma_steps, timestep_to_sigma
 
 REPORT_FILES = ("geometry.json", "geometry.png")
+RISK_FILES = ("risk.json", "risk.png")
 
 
 def _grid(sigmas: Sequence[float] | torch.Tensor | None) -> torch.Tensor:
@@ -236,3 +239,47 @@ def write_geometry_report(
     fig = plot_geometry(report)
     fig.savefig(png_path, dpi=150)
     return {"json": json_path, "png": png_path}
+
+
+def write_risk_report(
+    train: torch.Tensor,
+    danger_zone_entry: dict[str, Any],
+    out_dir: str | Path,
+    k: int = 5,
+    num_noises: int = 16,
+    seed: int = 0,
+    num_shown: int = 16,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Which training images are most at risk of being memorized, from the data alone (seed 002, local coverage):
+    :func:`calmwild.risk.risk_scores` with the kernel bandwidth of the danger zone
+    (:func:`calmwild.risk.danger_zone_bandwidth`), written into ``out_dir`` as
+
+    - ``risk.json``: every score for every training image (index order of the training set), the bandwidth, and
+      the ``num_shown`` most and least at-risk indices by the primary score (:data:`calmwild.risk.PRIMARY_SCORE`);
+    - ``risk.png``: those images, most at risk in the top row(s), least at risk below.
+
+    Returns the summary stored in ``geometry.json`` under ``risk`` (everything but the per-image scores)."""
+    out = Path(out_dir)
+    sigma = danger_zone_bandwidth(danger_zone_entry)
+    scores = risk_scores(train, sigma, k=k, num_noises=num_noises, seed=seed, device=device)
+    order = torch.argsort(scores[PRIMARY_SCORE], descending=True, stable=True)
+    shown = max(1, min(int(num_shown), train.shape[0] // 2))
+    summary = {
+        "primary": PRIMARY_SCORE,
+        "scores": sorted(scores),
+        "bandwidth_sigma": sigma,
+        "bandwidth_source": "none (no danger zone and no crossing: kernel scores left out)" if sigma is None else
+        ("sqrt(sigma_lo * sigma_hi) of the danger zone" if not danger_zone_entry.get("empty") else
+         "crossing sigma of the weight and coverage curves (empty danger zone)"),
+        "k": min(int(k), train.shape[0] - 1),
+        "num_noises": int(num_noises) if sigma is not None else None,
+        "seed": int(seed),
+        "most_at_risk": order[:shown].tolist(),
+        "least_at_risk": order[-shown:].flip(0).tolist(),
+        "files": {"json": "risk.json", "png": "risk.png"},
+    }
+    write_json({**summary, "per_image": {name: value.tolist() for name, value in scores.items()}}, out / "risk.json")
+    picked = torch.cat([order[:shown], order[-shown:].flip(0)])
+    save_png(image_grid(train[picked].float(), nrow=shown), out / "risk.png")
+    return summary

@@ -27,6 +27,7 @@ from typing import Any
 
 from jsonargparse import Namespace
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
@@ -81,6 +82,7 @@ class ResumableCSVLogger(CSVLogger):
         self.resume_step = resume_step
 
     @property
+    @rank_zero_experiment  # other DDP ranks get a no-op experiment and never touch metrics.csv
     def experiment(self):
         if self._experiment is not None or self.resume_step is None:
             return super().experiment
@@ -95,7 +97,9 @@ class ResumableCSVLogger(CSVLogger):
                     is_train_row = any(row.get(k) for k in header if k.startswith("train/"))
                     if step < self.resume_step or (step == self.resume_step and not is_train_row):
                         kept.append(row)
-        experiment = super().experiment  # Lightning's writer removes the old file here
+        with warnings.catch_warnings():  # its "previous log files will be deleted" is untrue here: rows are kept
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            experiment = super().experiment  # Lightning's writer removes the old file here
         if kept:
             with open(path, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=header)
@@ -154,7 +158,9 @@ class CalmwildCLI(LightningCLI):
                     f"--ckpt_path {ckpt_path} is not a calmwild checkpoint (no 'calmwild' entry): resume only from "
                     "checkpoints written by `calmwild fit`"
                 )
-        super()._parse_ckpt_path()
+        # Lightning's own _parse_ckpt_path is not called: it would overwrite the parsed model settings with the
+        # checkpoint's hyperparameters. Here the config and command line decide the settings (as for
+        # `--ckpt_path last`) and the checkpoint only the state; on_load_checkpoint refuses a mismatched network.
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
@@ -177,6 +183,7 @@ class CalmwildCLI(LightningCLI):
             run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP child process re-running the command: same directory
         else:
             run_dir = new_run_dir(root)
+            self._new_run_dir = run_dir
         os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by DDP child processes launched by this one
         self.run_dir = run_dir
         cfg.trainer.default_root_dir = str(run_dir)
@@ -187,6 +194,20 @@ class CalmwildCLI(LightningCLI):
             self.save_config_kwargs["config_filename"] = f"config-resume-step{resume_step}-{time.strftime('%H%M%S')}.yaml"
         self._place_loggers(cfg, run_dir, self.run_name, resume_step)
         self._place_checkpoints(cfg, run_dir)
+
+    def instantiate_classes(self) -> None:
+        """Instantiates model, data and trainer; when that fails (a bad init arg), the run directory made for this
+        run is removed again if it holds nothing but calmwild's own W&B id file, so failed configs leave no litter."""
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            run_dir = getattr(self, "_new_run_dir", None)
+            if run_dir is not None and run_dir.is_dir():
+                leftovers = [p for p in run_dir.iterdir() if p.name != WANDB_ID_FILE]
+                if not leftovers:
+                    (run_dir / WANDB_ID_FILE).unlink(missing_ok=True)
+                    run_dir.rmdir()
+            raise
 
     @staticmethod
     def _place_loggers(cfg: Namespace, run_dir: Path, run_name: str, resume_step: int | None) -> None:
@@ -241,7 +262,18 @@ class CalmwildCLI(LightningCLI):
                 if not callback.init_args.get("dirpath"):
                     callback.init_args.dirpath = str(run_dir / "checkpoints")
 
+    def _save_final_last_checkpoint(self) -> None:
+        """Writes ``last.ckpt`` at the final step when the checkpoint interval did not end on it (e.g. every 4 steps,
+        max_steps 7), so that the weights of the last steps are never only in memory. Runs on every rank (the save
+        is a collective call; Lightning writes on rank 0)."""
+        for callback in self.trainer.checkpoint_callbacks:
+            # save_last="link" would only link the stale top-k file, so only a real last.ckpt is written here
+            if callback.save_last is not True or callback._last_global_step_saved == self.trainer.global_step:
+                continue
+            callback._save_last_checkpoint(self.trainer, callback._monitor_candidates(self.trainer))
+
     def after_fit(self) -> None:
+        self._save_final_last_checkpoint()
         log_dir = self.trainer.log_dir  # a collective call under DDP: every rank must make it
         if self.trainer.global_rank != 0:
             return
@@ -274,8 +306,15 @@ def lightning_main(args: list[str] | None, run: bool = True) -> CalmwildCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``calmwild`` console script; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
-    run(args)
+    """Entry point of the ``calmwild`` console script; ``args`` replaces ``sys.argv[1:]`` (for tests).
+
+    A DDP run's process group is destroyed before the interpreter exits: left to interpreter shutdown, gloo's
+    worker threads can abort the process ("terminate called without an active exception") after a good run."""
+    try:
+        run(args)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def run(args: list[str] | None = None) -> Any:
@@ -290,7 +329,7 @@ def run(args: list[str] | None = None) -> Any:
             known = ", ".join(list(LIGHTNING_COMMANDS) + list(COMMANDS))
             raise SystemExit(f"calmwild: unknown command {argv[0]!r}; expected one of {known}")
         return auto_cli(COMMANDS, args=argv)
-    return lightning_main(argv)
+    return lightning_main(None if args is None else argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -255,6 +255,9 @@ def analyze(
     delta: float = 0.05,
     weight_level: float = 0.5,
     coverage_level: float = 0.5,
+    risk: bool = True,
+    risk_k: int = 5,
+    risk_noises: int = 16,
     seed: int = 0,
     device: str = "cpu",
     overwrite: bool = False,
@@ -262,7 +265,9 @@ def analyze(
     """Geometry of a training set before any training (paper Section 4): posterior-weight and shell-coverage curves,
     Theorem 4.8 bounds, Theorem 4.2 thresholds and the danger zone, in sigma and DDPM timesteps.
 
-    Writes geometry.json and geometry.png (the paper's Figure 3 layout) into ``out``.
+    Writes geometry.json and geometry.png (the paper's Figure 3 layout) into ``out``, and with ``risk`` the
+    per-training-image memorization risk scores (seed 002, local coverage) as risk.json and risk.png (the most and
+    least at-risk training images).
 
     Args:
         data: data spec (fit config, class_path YAML, or class path).
@@ -279,12 +284,19 @@ def analyze(
         delta: failure probability of Theorem 4.2.
         weight_level: max-weight level of the danger zone.
         coverage_level: coverage level of the danger zone.
+        risk: also score every training image's memorization risk (exact leave-one-out kNN over the training
+            set: N^2 distances).
+        risk_k: neighbours of the k-NN distance score.
+        risk_noises: Monte Carlo noises per image of the expected self-weight score.
         seed: Monte Carlo seed.
         device: torch device.
         overwrite: allow writing into a non-empty directory.
     """
-    from calmwild.analysis import analyze_geometry, write_geometry_report
+    from calmwild.analysis import analyze_geometry, write_geometry_report, write_risk_report
 
+    for name, value in (("risk_k", risk_k), ("risk_noises", risk_noises)):
+        if risk and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
     out = prepare_output_dir(out, overwrite)
     datamodule = load_datamodule(data)
     report = analyze_geometry(
@@ -294,12 +306,16 @@ def analyze(
         weight_level=weight_level, coverage_level=coverage_level, seed=seed, device=device,
     )
     report["data"] = datamodule.describe()
+    if risk:
+        report["risk"] = write_risk_report(datamodule.train_images, report["danger_zone"], out, k=risk_k,
+                                           num_noises=risk_noises, seed=seed, device=device)
     write_geometry_report(report, out, overwrite=True)
     zone = report["danger_zone"]
     band = "empty" if zone["empty"] else (
         f"sigma {zone['sigma'][0]:.3g}..{zone['sigma'][1]:.3g} (DDPM t {zone['timesteps'][0]:.0f}..{zone['timesteps'][1]:.0f})"
     )
-    print(f"calmwild analyze: danger zone {band}; report in {out}/geometry.json and geometry.png", flush=True)
+    files = "geometry.json, geometry.png" + (", risk.json, risk.png" if risk else "")
+    print(f"calmwild analyze: danger zone {band}; report in {out} ({files})", flush=True)
     return report
 
 

@@ -3,9 +3,10 @@
 Loss (paper eq. 1, EDM eq. 8): L = E_sigma E_x0 E_n [ r(sigma) lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2 ],
 sigma ~ the SigmaSampler, r(sigma) its extra per-sample factor (1 except for ``Reweighted``), lambda the EDM weight.
 
-Randomness is a pure function of (seed, global step, rank): each step seeds its own generator for sigma and noise,
-and the global RNG (dropout) from the same key. A resumed run therefore draws exactly what an uninterrupted run
-would have drawn, with no RNG state to save.
+Randomness is a pure function of (seed, global step): each step draws the sigmas and noises of the whole global
+batch from its own generator and every DDP rank keeps its slice, so 2 ranks x 16 images train exactly like 1 process
+x 32. The global RNG (dropout) is seeded from (seed, step, rank). A resumed run therefore draws exactly what an
+uninterrupted run would have drawn, with no RNG state to save.
 
 The exponential moving average of the weights lives inside the module (``net_ema``) with EDM's half-life in images
 and ramp-up (Karras et al. 2022, App. F.3): half-life = min(ema_halflife_images, ema_rampup_ratio * images seen),
@@ -25,7 +26,7 @@ import torch
 from calmwild.denoisers import CHECKPOINT_FORMAT_VERSION, NetworkDenoiser
 from calmwild.precond import EDMPrecond, edm_loss_weight
 from calmwild.sampling import generate
-from calmwild.sigma import LogNormal, SigmaSampler
+from calmwild.sigma import LogNormal, SigmaDraw, SigmaSampler
 from calmwild.unet import UNet
 
 # The EMA copy is in eval mode on purpose (no dropout); Lightning would warn about it at every fit.
@@ -159,12 +160,21 @@ class DiffusionModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
 
+    def _draw_noise(self, images: torch.Tensor) -> tuple[SigmaDraw, torch.Tensor]:
+        """This rank's slice of the sigmas and unit noises drawn for the whole global batch of this step."""
+        local = images.shape[0]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank if self._trainer is not None else 0
+        gen = torch.Generator().manual_seed(step_seed(self.hparams.seed + 1, self.global_step, 0))
+        draw = self.sigma_sampler.sample(local * world, gen)
+        noise = torch.randn((local * world, *images.shape[1:]), generator=gen)
+        mine = slice(rank * local, (rank + 1) * local)
+        return SigmaDraw(draw.sigma[mine], draw.weight[mine]), noise[mine]
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         images, labels = self._split_batch(batch)
         self._batch_size, self._step_was_skipped = images.shape[0], False
-        gen = torch.Generator().manual_seed(step_seed(self.hparams.seed + 1, self.global_step, self.global_rank))
-        draw = self.sigma_sampler.sample(images.shape[0], gen)
-        noise = torch.randn(images.shape, generator=gen)
+        draw, noise = self._draw_noise(images)
         sigma = draw.sigma.to(images)
         noisy = images + noise.to(images) * sigma.reshape(-1, 1, 1, 1)
         if self.hparams.channels_last:
@@ -177,19 +187,20 @@ class DiffusionModule(pl.LightningModule):
         finite = bool(torch.isfinite(loss))
         if self._trainer is not None:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite and self.hparams.nan_policy == "raise":
+            raise FloatingPointError(
+                f"non-finite training loss ({float(loss.detach())}) at global step {self.global_step}; "
+                "the run is stopped and earlier checkpoints are left untouched. Lower the learning rate, check "
+                "the data for NaN/inf, or set model.nan_policy=skip to drop such steps."
+            )
+        # logged for skipped steps too, so that their row shows their own (non-finite) loss, not the previous one
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
+        self.log("train/unweighted_mse", per_sample.detach().mean(), on_step=True, on_epoch=False, sync_dist=True)
         if not finite:
-            if self.hparams.nan_policy == "raise":
-                raise FloatingPointError(
-                    f"non-finite training loss ({float(loss.detach())}) at global step {self.global_step}; "
-                    "the run is stopped and earlier checkpoints are left untouched. Lower the learning rate, check "
-                    "the data for NaN/inf, or set model.nan_policy=skip to drop such steps."
-                )
             self.skipped_steps += 1
             self._step_was_skipped = True
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
             return None
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/unweighted_mse", per_sample.mean(), on_step=True, on_epoch=False)
         self._log_sigma_histogram(draw.sigma)
         return loss
 

@@ -176,6 +176,43 @@ def expected_self_weight(
     return total / num_noises
 
 
+PRIMARY_SCORE = "nearest_neighbor"  # declared before looking at any result: Theorem 4.2's D_min, read per image
+
+
+def danger_zone_bandwidth(danger_zone: dict[str, Any]) -> float | None:
+    """The kernel bandwidth tied to the danger zone (``danger_zone`` entry of a geometry report,
+    :func:`calmwild.analysis.analyze_geometry`): sqrt(sigma_lo * sigma_hi), the zone's geometric centre (it spans
+    decades of sigma); for an empty zone the sigma where the weight and coverage curves cross; None if neither."""
+    if not danger_zone.get("empty") and danger_zone.get("sigma"):
+        lo, hi = (float(v) for v in danger_zone["sigma"])
+        return math.sqrt(lo * hi)
+    crossing = (danger_zone.get("crossing") or {}).get("sigma")
+    return None if crossing is None else float(crossing)
+
+
+def risk_scores(
+    train: torch.Tensor,
+    sigma: float | None = None,
+    k: int = 5,
+    num_noises: int = 64,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every per-image risk score of a training set (float64 [N] each, higher = more at risk), keyed by name:
+    ``nearest_neighbor`` (:data:`PRIMARY_SCORE`), ``knn<k>_distance`` (k clipped to N - 1) and, when a bandwidth
+    ``sigma`` is given (e.g. :func:`danger_zone_bandwidth`), ``kernel_self_weight`` and ``expected_self_weight``
+    (``num_noises`` Monte Carlo noises from a generator seeded with ``seed``)."""
+    train = _train(train)
+    k = min(_positive_int(k, "k"), train.shape[0] - 1)
+    scores = {PRIMARY_SCORE: nearest_neighbor_score(train, device),
+              f"knn{k}_distance": knn_distance_score(train, k, device)}
+    if sigma is not None:
+        scores["kernel_self_weight"] = kernel_self_weight(train, sigma)
+        scores["expected_self_weight"] = expected_self_weight(
+            train, sigma, num_noises, generator=torch.Generator().manual_seed(int(seed)))
+    return scores
+
+
 # ------------------------------------------------------------------------------------------------ what was reproduced
 def reproduction_counts(nearest_index: object, memorized: object, num_train: int) -> torch.Tensor:
     """counts[i] = number of memorized samples (ratio test passed) whose nearest training image is i (long [N]);

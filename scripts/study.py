@@ -1,6 +1,6 @@
 """The paper's main findings end to end, with calmwild's own commands and callbacks only.
 
-    python scripts/study.py --quick              # about 10 minutes on 2 idle CPU cores (embedded digits, 8x8)
+    python scripts/study.py --quick              # ~8 min on 2 shared CPU cores (embedded digits, 8x8)
     python scripts/study.py --tiny --out DIR     # every stage at toy sizes (under a minute; tests/test_study.py)
     python scripts/study.py                      # full: digits at 16x16, longer training, more samples
     python scripts/study.py --dataset cifar10 --data-root PATH   # the paper's EDM-1K / EDM-50K setup (GPU job)
@@ -101,7 +101,6 @@ SIZE_FLAGS = ("small_n", "large_n", "heldout_n", "steps", "batch_size", "eval_ev
 MODELS = ("small", "large", "gap", "reweighted")
 MSE_FLOOR = 1e-7  # lower edge of the MSE plot (images in [-1, 1])
 BANDS = ("large", "medium", "small")
-PRIMARY_RISK_SCORE = "nearest_neighbor"  # declared before looking at any result (Theorem 4.2's D_min, per image)
 RANDOM_DRAWS = 1000  # seeds of the random-score baseline's spread
 GRID_MIN_SIDE = 32  # image grids upsample smaller images (nearest neighbour) to this side, so 8x8 digits are visible
 
@@ -120,7 +119,7 @@ CRITERIA = {
     "danger_zone": "reproduced: the sigma where the small model's per-sigma memorization peaks lies inside the danger "
                    "zone computed from the data before training; partly: within a factor 2 of it; otherwise not "
                    "reproduced (also when the model has no per-sigma memorization, peak < 0.1).",
-    "risk": f"reproduced: the primary score ({PRIMARY_RISK_SCORE}) has Spearman rho >= 2 null standard deviations "
+    "risk": f"reproduced: the primary score ({risk.PRIMARY_SCORE}) has Spearman rho >= 2 null standard deviations "
             "(2 / sqrt(N - 1)) with how often the small model reproduces each training image; partly: >= 1 null "
             "standard deviation; otherwise not reproduced.",
 }
@@ -131,8 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="short CPU run on the embedded digits (~10 min, 2 cores)")
-    mode.add_argument("--tiny", action="store_true", help="smoke run of every stage (about a minute)")
+    mode.add_argument("--quick", action="store_true", help="short CPU run on the embedded digits (~8 min on 2 cores)")
+    mode.add_argument("--tiny", action="store_true", help="every stage at toy sizes (under a minute)")
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="output directory (default runs/study)")
     parser.add_argument("--dataset", choices=("digits", "cifar10"), default="digits",
                         help="cifar10 needs --data-root with cifar-10-batches-py (full mode only)")
@@ -326,7 +325,8 @@ class Study:
         out = self.out / "geometry"
         g = self.s["geometry"]
         report = self.calmwild("analyze", "--data", self.config("small"), "--out", out, "--overwrite", "true",
-                               "--seed", self.s["seed"], "--device", self.device,
+                               "--seed", self.s["seed"], "--device", self.device, "--risk_k", self.s["risk_k"],
+                               "--risk_noises", self.s["risk_noises"],
                                *[x for k, v in g.items() for x in (f"--{k}", v)])
         zone = report["danger_zone"]
         if not zone["empty"]:
@@ -342,7 +342,7 @@ class Study:
                                "see geometry/geometry.png")
         margin = self.s["gap_margin"]
         return {"danger_zone": zone, "band": [lo, hi], "band_source": source,
-                "gap_band": [lo / margin, hi * margin], "risk_sigma": math.sqrt(lo * hi),
+                "gap_band": [lo / margin, hi * margin], "risk_sigma": report["risk"]["bandwidth_sigma"],
                 "sigmas": report["sigmas"], "max_weight": report["max_weight"]["mean"],
                 "coverage": report["coverage"]["mean"], "dataset": report["dataset"],
                 "files": {"json": "geometry/geometry.json", "png": "geometry/geometry.png"}}
@@ -433,12 +433,8 @@ class Study:
         s = self.s
         train = load_datamodule(str(self.config("small"))).train_images
         sigma = geometry["risk_sigma"]
-        k = min(s["risk_k"], train.shape[0] - 1)
-        scores = {"nearest_neighbor": risk.nearest_neighbor_score(train),
-                  f"knn{k}_distance": risk.knn_distance_score(train, k),
-                  "kernel_self_weight": risk.kernel_self_weight(train, sigma),
-                  "expected_self_weight": risk.expected_self_weight(
-                      train, sigma, s["risk_noises"], generator=torch.Generator().manual_seed(s["seed"]))}
+        saved = json.loads((self.out / "geometry" / "risk.json").read_text())  # written by `calmwild analyze`
+        scores = {name: torch.tensor(values, dtype=torch.float64) for name, values in saved["per_image"].items()}
         out = self.out / "risk"
         report = self.calmwild("sample", "--ckpt", trained["small"]["checkpoint"], "--data", self.config("small"),
                                "--num", s["risk_samples"], "--seed", s["seed"], "--threshold", s["threshold"],
@@ -462,7 +458,7 @@ class Study:
             save_png(pair_grid(visible(samples[shown]), visible(train[nearest[shown]]), memorized[shown]),
                      self.out / "figures" / "memorized_pairs.png")
             files["memorized_pairs"] = "figures/memorized_pairs.png"
-        order = torch.argsort(scores[PRIMARY_RISK_SCORE], descending=True)
+        order = torch.argsort(scores[risk.PRIMARY_SCORE], descending=True)
         show = min(16, train.shape[0] // 2)
         save_png(image_grid(visible(torch.cat([train[order[:show]], train[order[-show:]]])), nrow=show),
                  self.out / "figures" / "risk_extremes.png")
@@ -471,7 +467,7 @@ class Study:
         save_figure(plot_risk(scores, counts, per_step, final), self.out / "figures" / "risk.png")
         return {"sigma": sigma, "num_train": int(train.shape[0]), "num_samples": s["risk_samples"],
                 "rate": float(memorized.float().mean()), "num_reproduced": int((counts > 0).sum()),
-                "final": final, "per_step": per_step, "primary": PRIMARY_RISK_SCORE, "extremes_shown": show,
+                "final": final, "per_step": per_step, "primary": risk.PRIMARY_SCORE, "extremes_shown": show,
                 "files": files}
 
     # ----- 7. report
@@ -575,9 +571,9 @@ def plot_memorization_vs_steps(trained: dict, s: dict) -> Figure:
 def plot_risk(scores: dict, counts: torch.Tensor, per_step: list[dict], final: dict) -> Figure:
     fig = Figure(figsize=(12, 4.2), layout="constrained")
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    left.scatter(scores[PRIMARY_RISK_SCORE].numpy(), counts.numpy(), s=14)
-    rho = final["scores"][PRIMARY_RISK_SCORE]["spearman"]
-    left.set_xlabel(f"risk score: {PRIMARY_RISK_SCORE} (relative nearest-neighbour distance)")
+    left.scatter(scores[risk.PRIMARY_SCORE].numpy(), counts.numpy(), s=14)
+    rho = final["scores"][risk.PRIMARY_SCORE]["spearman"]
+    left.set_xlabel(f"risk score: {risk.PRIMARY_SCORE} (relative nearest-neighbour distance)")
     left.set_ylabel("memorized samples reproducing the image")
     left.set_title(f"Final small model: Spearman rho = {_fmt(rho)}", fontsize=10)
     left.grid(True, alpha=0.3)
@@ -709,7 +705,7 @@ def _crossing(result: dict, level: float) -> float | None:
 
 
 def claim_risk(risk_result: dict) -> dict:
-    stats = risk_result["final"]["scores"][PRIMARY_RISK_SCORE]
+    stats = risk_result["final"]["scores"][risk.PRIMARY_SCORE]
     rho, n = stats["spearman"], risk_result["num_train"]
     null = risk.spearman_null_std(n)
     if rho is None:
@@ -721,21 +717,21 @@ def claim_risk(risk_result: dict) -> dict:
     else:
         status = "not reproduced"
     random = risk_result["final"]["random"]
-    evidence = (f"final small model, {PRIMARY_RISK_SCORE}: Spearman rho {_fmt(rho)} (null SD {null:.3g}), AUROC "
+    evidence = (f"final small model, {risk.PRIMARY_SCORE}: Spearman rho {_fmt(rho)} (null SD {null:.3g}), AUROC "
                 f"{_fmt(stats['auroc'])}; seeded random score: rho {_fmt(random['spearman'])}, AUROC "
                 f"{_fmt(random['auroc'])}; "
                 f"{risk_result['num_reproduced']} of {n} training images reproduced by "
                 f"{risk_result['num_samples']} samples ({_pct(risk_result['rate'])} memorized)")
     early = first_partial_step(risk_result["per_step"])
     if early is not None:
-        e = early["scores"][PRIMARY_RISK_SCORE]
+        e = early["scores"][risk.PRIMARY_SCORE]
         evidence += (f". Post hoc, not part of the criterion: at step {early['step']} ({_pct(early['rate'])} "
                      f"memorized, {early['num_reproduced']} of {n} images reproduced) rho {_fmt(e['spearman'])}, AUROC "
                      f"{_fmt(e['auroc'])}")
     return {"status": status, "evidence": evidence,
             "numbers": {"spearman": rho, "null_std": null, "auroc": stats["auroc"],
                         "post_hoc_first_partial_step": None if early is None else {
-                            "step": early["step"], **early["scores"][PRIMARY_RISK_SCORE]}}}
+                            "step": early["step"], **early["scores"][risk.PRIMARY_SCORE]}}}
 
 
 def all_claims(results: dict) -> list[dict]:
@@ -873,7 +869,7 @@ def write_report(study: Study, stages: Stages, results: dict) -> dict:
            f"![memorized]({rk['files']['memorized_pairs']})", ""] if "memorized_pairs" in rk["files"] else
           ["No sample of the final small model was memorized: no pairs to show.", ""]),
         f"Training images with the {rk['extremes_shown']} highest (top row) and the {rk['extremes_shown']} lowest "
-        f"(bottom row) {PRIMARY_RISK_SCORE} scores:",
+        f"(bottom row) {risk.PRIMARY_SCORE} scores:",
         "",
         f"![extremes]({rk['files']['risk_extremes']})",
         "",

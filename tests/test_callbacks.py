@@ -272,16 +272,18 @@ def test_single_process_fit_logs_to_csv_and_wandb(tmp_path, monkeypatch):
     logged = {key.split("/_type")[0] for r in history for key in r}
     assert {"mse/curve_table", "mem/curve_table", "samples/nearest_pairs"} <= logged
 
-    # resuming from last.ckpt (step 6) keeps the schedule and the history held in the callback state
+    # resuming from last.ckpt (the final step 7, written after the end-of-training evaluation) keeps the schedule and
+    # the history held in the callback state
     resume = _config(tmp_path / "resume.yaml", max_steps=10, loggers=loggers[:1])  # same callbacks, CSV only
     run(["fit", "--config", str(resume), f"--trainer.default_root_dir={tmp_path / 'runs'}", "--ckpt_path=last"])
     for name in NAMES:
         history = json.loads((run_dir / "eval" / name / "history.json").read_text())["history"]
         assert [(h["step"], h["phase"]) for h in history] == [
-            (3, "train_batch_end"), (6, "train_batch_end"), (9, "train_batch_end"), (10, "train_end")], name
+            (3, "train_batch_end"), (6, "train_batch_end"), (7, "train_end"), (9, "train_batch_end"),
+            (10, "train_end")], name
     with open(run_dir / "logs" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert sorted(int(r["step"]) for r in rows if r.get("traj_mem/rate")) == [3, 6, 9, 10]
+    assert sorted(int(r["step"]) for r in rows if r.get("traj_mem/rate")) == [3, 6, 7, 9, 10]
 
 
 def _library_results(run_dir: Path, step: int, datamodule) -> dict:

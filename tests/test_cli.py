@@ -88,3 +88,27 @@ def test_help_and_print_config_work():
 def test_unknown_command_is_refused():
     with pytest.raises(SystemExit, match="unknown command 'frobnicate'"):
         run(["frobnicate"])
+
+
+def test_a_config_that_fails_to_instantiate_leaves_no_run_directory(tmp_path):
+    with pytest.raises(ValueError, match="lr must be positive"):
+        fit(tmp_path, "--model.lr=-1", "--trainer.max_steps=1")
+    assert not list(tmp_path.glob("run-*"))
+
+
+def test_a_failed_instantiation_never_removes_a_directory_with_user_files(tmp_path, monkeypatch):
+    """Only a directory this run made and left empty is removed; anything else in it keeps it."""
+    from calmwild import cli as cli_module
+
+    original, made = cli_module.new_run_dir, []
+
+    def new_run_dir_with_a_user_file(root):
+        run_dir = original(root)
+        (run_dir / "notes.txt").write_text("mine")
+        made.append(run_dir)
+        return run_dir
+
+    monkeypatch.setattr(cli_module, "new_run_dir", new_run_dir_with_a_user_file)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        fit(tmp_path, "--model.lr=-1", "--trainer.max_steps=1")
+    assert made and (made[0] / "notes.txt").read_text() == "mine"

@@ -89,3 +89,16 @@ def test_analyze_writes_geometry_report(tmp_path):
     assert saved["data"]["name"] == "DigitsDataModule"
     assert (tmp_path / "g" / "geometry.png").is_file()
     assert report["danger_zone"] == saved["danger_zone"]
+    # the per-training-image risk scores: the most at-risk image by the primary score is the most isolated one
+    risk = json.loads((tmp_path / "g" / "risk.json").read_text())
+    train = load_datamodule(DIGITS).train_images.flatten(1).double()
+    nearest = torch.cdist(train, train).fill_diagonal_(float("inf")).min(dim=1).values
+    assert all(len(values) == train.shape[0] for values in risk["per_image"].values())
+    # (mutual nearest neighbours share a distance: compare values, not indices)
+    assert nearest[risk["most_at_risk"][0]] == pytest.approx(float(nearest.max()), rel=1e-5)
+    assert nearest[risk["least_at_risk"][0]] == pytest.approx(float(nearest.min()), rel=1e-5)
+    assert saved["risk"]["most_at_risk"] == risk["most_at_risk"] and (tmp_path / "g" / "risk.png").is_file()
+    if not saved["danger_zone"]["empty"]:
+        lo, hi = saved["danger_zone"]["sigma"]
+        assert risk["bandwidth_sigma"] == pytest.approx((lo * hi) ** 0.5)
+        assert "kernel_self_weight" in risk["per_image"]

@@ -16,9 +16,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from test_reliability import (
+from test_reliability import (  # noqa: F401  (one_torch_thread: an autouse fixture for this module too)
     calmwild,
     load_checkpoint,
+    one_torch_thread,
     only_run_dir,
     read_metrics,
     subprocess_env,
@@ -133,8 +134,6 @@ def test_each_rank_serves_its_slice_of_the_single_process_global_batch(single_an
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs lead patch (module.py): sigma and noise are drawn per rank from (seed, step, rank), "
-                   "so 2 ranks x 16 draw different noise than 1 process x 32", strict=False)
 def test_two_processes_train_the_same_network_as_one_process_with_the_same_global_batch(single_and_ddp):
     """Same images per step (above) + the global batch's sigmas and noises drawn from (seed, step) and sliced by
     rank + DDP's gradient mean over equal per-rank batches = the single-process gradient, up to the order of float

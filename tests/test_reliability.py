@@ -31,6 +31,16 @@ CALMWILD_SCRIPT = Path(sys.executable).with_name("calmwild")
 CALMWILD = [str(CALMWILD_SCRIPT)] if CALMWILD_SCRIPT.exists() else [sys.executable, "-m", "calmwild.cli"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """In-process runs use one intra-op thread, like the subprocesses (OMP_NUM_THREADS=1): on 2 shared cores two
+    spinning threads per process slow tiny models down several-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----- test hooks (callbacks a config can name by class path) ---------------------------------------------------------
 class HangAtStep(Callback):
     """Before training step ``step`` (0-based global step) writes ``marker`` and sleeps, so that the test can kill the
@@ -175,12 +185,12 @@ def assert_same_tensors(a: dict, b: dict, prefix: str) -> int:
 
 # ===== 1. crash and resume ============================================================================================
 CRASH_STEP = 10  # the crashed run has done steps 0..9 (checkpoints at 4 and 8) when it is killed
-MAX_STEPS = 32  # a multiple of the checkpoint interval, so last.ckpt holds the final step (see the xfail test below)
+MAX_STEPS = 32  # a multiple of the checkpoint interval, as long runs use
 
 
 @pytest.fixture(scope="module")
 def crash_and_resume(tmp_path_factory):
-    """An uninterrupted 30-step run, and a run SIGKILLed before step 10 then resumed with ``--ckpt_path last``."""
+    """An uninterrupted 32-step run, and a run SIGKILLed before step 10 then resumed with ``--ckpt_path last``."""
     work = tmp_path_factory.mktemp("crash")
     config = write_config(work / "tiny.yaml", **{"trainer.max_steps": MAX_STEPS})
     timings = {}
@@ -195,14 +205,16 @@ def crash_and_resume(tmp_path_factory):
         **{"trainer.max_steps": MAX_STEPS, "trainer.callbacks": tiny_config()["trainer"]["callbacks"] + [hang]},
     )
     start = time.perf_counter()
+    log = open(work / "crashed.log", "w")  # a file, not a pipe: a full pipe would block the run
     process = subprocess.Popen(
         CALMWILD + ["fit", "--config", str(crash_config), "--trainer.default_root_dir", str(work / "crashed")],
-        cwd=work, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=work, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
-            assert process.poll() is None, f"the run ended before the crash point:\n{process.stdout.read()[-4000:]}"
+            ended = process.poll() is not None
+            assert not ended, f"the run ended before the crash point:\n{(work / 'crashed.log').read_text()[-4000:]}"
             assert time.monotonic() < deadline, "the run did not reach the crash point within 120 s"
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
@@ -211,6 +223,7 @@ def crash_and_resume(tmp_path_factory):
         if process.poll() is None:
             process.kill()
             process.wait()
+        log.close()
     timings["crashed"] = time.perf_counter() - start
     crashed_dir = only_run_dir(work / "crashed")
     last = load_checkpoint(crashed_dir / "checkpoints" / "last.ckpt")
@@ -279,8 +292,6 @@ def test_resumed_metrics_csv_holds_every_step_exactly_once(crash_and_resume):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs lead patch (cli.py): with every_n_train_steps=4 and max_steps=7, last.ckpt stays "
-                   "at step 4 and the last three steps' weights are in no checkpoint", strict=False)
 def test_last_checkpoint_holds_the_final_step_and_resumes(tmp_path):
     cli = in_process_fit(tmp_path, **{"trainer.max_steps": 7})
     last = Path(cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
@@ -293,8 +304,6 @@ def test_last_checkpoint_holds_the_final_step_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs lead patch (module.py): update_ema runs inside optimizer_step, where global_step "
-                   "does not yet count the current step, so the ramp-up uses one batch fewer than EDM", strict=False)
 def test_ema_ramp_up_counts_the_current_batch_like_edm(tmp_path):
     """EDM (App. F training loop): after each step cur_nimg += batch, then half-life = min(H, ratio * cur_nimg),
     beta = 0.5 ** (batch / half-life). With ratio 1 and a huge H, step k (0-based) has beta_k = 0.5 ** (1 / (k + 1)).
@@ -326,6 +335,24 @@ def test_ema_ramp_up_counts_the_current_batch_like_edm(tmp_path):
         ema = [beta * e + (1 - beta) * w for e, w in zip(ema, live)]
     for expected, got in zip(ema, module.net_ema.parameters()):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_from_an_explicit_checkpoint_path_keeps_the_command_line_settings(tmp_path):
+    """``--ckpt_path last`` and ``--ckpt_path <its file>`` must resume the same way: the config and command line
+    decide the module's settings (here nan_policy and sampler_steps), the checkpoint only its state."""
+    import shutil
+
+    first = in_process_fit(tmp_path, **{"trainer.max_steps": 2})
+    path = tmp_path / "copy" / "checkpoints" / "step2.ckpt"  # the resume below overwrites last.ckpt
+    path.parent.mkdir(parents=True)
+    shutil.copy(first.trainer.checkpoint_callback.last_model_path, path)
+    by_last = in_process_fit(tmp_path, "--ckpt_path", "last", "--model.nan_policy", "skip", "--model.sampler_steps",
+                             "5", **{"trainer.max_steps": 3})
+    assert (by_last.model.hparams.nan_policy, by_last.model.hparams.sampler_steps) == ("skip", 5)
+    by_path = in_process_fit(tmp_path, "--ckpt_path", str(path), "--model.nan_policy", "skip",
+                             "--model.sampler_steps", "5", **{"trainer.max_steps": 3})
+    assert (by_path.model.hparams.nan_policy, by_path.model.hparams.sampler_steps) == ("skip", 5)
 
 
 # ===== 2. checkpoints are never half-written =========================================================================
@@ -360,10 +387,12 @@ def test_lightning_checkpoints_are_written_to_a_temp_file_then_renamed_on_the_sa
 
 CHECKPOINT_WRITER = """
 import sys, torch
-from lightning.fabric.utilities.cloud_io import _atomic_save
 path, mode = sys.argv[1], sys.argv[2]
+if mode == "atomic":
+    from lightning.fabric.utilities.cloud_io import _atomic_save as save
+else:
+    save = torch.save
 versions = [{"version": v, "weights": torch.full((6_000_000,), float(v))} for v in (1, 2)]
-save = _atomic_save if mode == "atomic" else torch.save
 i = 0
 while True:
     save(versions[i % 2], path)
@@ -381,21 +410,36 @@ def _kill(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
+def _wait_for_first_save(path: Path, writer: subprocess.Popen, timeout: float = 90) -> None:
+    """Until the writer has replaced or rewritten ``path`` once (its Python start-up takes seconds)."""
+    before = path.stat()
+    deadline = time.monotonic() + timeout
+    while True:
+        now = path.stat()
+        if (now.st_ino, now.st_mtime_ns) != (before.st_ino, before.st_mtime_ns):
+            return
+        assert writer.poll() is None and time.monotonic() < deadline, "the checkpoint writer never saved"
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_sigkill_while_saving_checkpoints_never_leaves_a_truncated_file(tmp_path):
     """A process that saves 24 MB checkpoints in a loop is SIGKILLed at random moments: with Lightning's atomic save
     the destination is only ever seen complete (polled meanwhile) and always loads as one whole version. The same
     loop with a plain ``torch.save`` is caught with a partial file (the test can see the hazard)."""
+    from lightning.fabric.utilities.cloud_io import _atomic_save
+
     path = tmp_path / "last.ckpt"
-    torch.save({"version": 0, "weights": torch.zeros(6_000_000)}, path)
+    _atomic_save({"version": 0, "weights": torch.zeros(6_000_000)}, path)  # the size of every complete version
     full = path.stat().st_size
-    scratch = tmp_path / "tmp"
+    scratch = tmp_path / "tmp"  # the writer's temporary files (TMPDIR), on the checkpoint's filesystem
     scratch.mkdir()
     rng = torch.Generator().manual_seed(0)
-    for _ in range(4):
+    for _ in range(3):
         writer = _start_writer(path, "atomic", scratch)
         try:
-            deadline = time.monotonic() + 0.4 + float(torch.rand((), generator=rng))
+            _wait_for_first_save(path, writer)
+            deadline = time.monotonic() + 0.2 + float(torch.rand((), generator=rng))
             while time.monotonic() < deadline:
                 size = path.stat().st_size
                 assert size == full, f"saw a partially written checkpoint ({size} of {full} bytes)"
@@ -404,18 +448,22 @@ def test_sigkill_while_saving_checkpoints_never_leaves_a_truncated_file(tmp_path
         state = torch.load(path, weights_only=True)
         assert state["version"] in (0, 1, 2) and torch.all(state["weights"] == state["version"])
     # the same kill against a plain torch.save into the destination: a truncated file is observable
+    reference = tmp_path / "reference" / path.name  # torch.save names the archive after the file: same name, same size
+    reference.parent.mkdir()
+    torch.save({"version": 1, "weights": torch.full((6_000_000,), 1.0)}, reference)
+    plain_full = reference.stat().st_size
     writer = _start_writer(path, "plain", scratch)
     try:
-        deadline, caught = time.monotonic() + 20, False
+        _wait_for_first_save(path, writer)
+        deadline, caught = time.monotonic() + 30, False
         while time.monotonic() < deadline and not caught:
-            size = path.stat().st_size if path.exists() else 0
-            if 0 < size < full:
+            if 0 < path.stat().st_size < plain_full:
                 _kill(writer)
-                caught = path.stat().st_size < full
+                caught = path.stat().st_size < plain_full
     finally:
         if writer.poll() is None:
             _kill(writer)
-    assert caught, "never observed a partial file with plain torch.save (machine too fast for this check?)"
+    assert caught, "never observed a partial file with plain torch.save"
     with pytest.raises(Exception):
         torch.load(path, weights_only=True)
 
@@ -510,11 +558,9 @@ def test_different_seeds_for_model_and_data_are_accepted(tmp_path):
     assert cli.trainer.global_step == 1
 
 
-@pytest.mark.xfail(reason="needs lead patch (module.py): the data/backbone shape is only checked by the U-Net's "
-                   "forward, inside the first training_step", strict=False)
 def test_data_and_backbone_image_shapes_must_agree_before_training(tmp_path):
     _, said = fit_error(tmp_path, **{"data.init_args.resolution": 16})
-    assert "(1, 16, 16)" in said and "(1, 8, 8)" in said
+    assert "(1, 16, 16)" in said and "(1, 8, 8)" in said and "img_resolution" in said
 
 
 def run_command(args: list[str]) -> tuple[BaseException | None, str]:
@@ -549,8 +595,6 @@ def test_sample_command_refuses_bad_sampler_settings_before_sampling(tmp_path, o
     assert not list(out.glob("*"))
 
 
-@pytest.mark.xfail(reason="needs lead patch (commands.py): the threshold is checked by ratio_test, after sampling "
-                   "and after samples.pt / samples.png were written", strict=False)
 @pytest.mark.parametrize("threshold", ["1.5", "0", "-0.2"])
 def test_sample_command_refuses_a_ratio_threshold_outside_0_1_before_sampling(tmp_path, threshold):
     out = tmp_path / "out"
@@ -687,8 +731,6 @@ def test_skip_policy_drops_only_the_non_finite_step(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs lead patch (module.py): a skipped step logs no loss, and Lightning re-emits the "
-                   "previous step's train/loss in that step's row", strict=False)
 def test_skipped_step_does_not_log_the_previous_steps_loss(tmp_path):
     in_process_fit(tmp_path, "--model.nan_policy", "skip", **poisoned())
     rows = {int(r["step"]): r for r in read_metrics(only_run_dir(tmp_path / "runs"))}
@@ -780,13 +822,11 @@ def test_fit_resume_from_a_checkpoint_of_another_architecture_fails_before_train
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs lead patch (cli.py): LightningCLI reads --ckpt_path with torch.load before any "
-                   "check, so a foreign file fails inside torch / Lightning (UnpicklingError, KeyError)", strict=False)
 @pytest.mark.parametrize("name", ["random-bytes", "truncated", "not-calmwild"])
 def test_fit_resume_from_a_foreign_or_damaged_file_fails_clearly(tmp_path, two_checkpoints, name):
-    path, expected = _damaged_checkpoints(tmp_path, two_checkpoints["tiny"])[name]
+    path, _ = _damaged_checkpoints(tmp_path, two_checkpoints["tiny"])[name]
     error, said = fit_error(tmp_path, "--ckpt_path", str(path))
-    assert isinstance(error, ValueError) and str(path) in said and expected in said, said[-1500:]
+    assert isinstance(error, ValueError) and str(path) in said and "calmwild checkpoint" in said, said[-1500:]
 
 
 # ===== 7. no hangs without a network ==================================================================================
@@ -915,7 +955,7 @@ def fuzz_changes(case: int) -> dict:
     def pick(good, wrong):
         return good() if rng.random() > bad else wrong()
 
-    resolution = rng.choice([4, 8, 8, 16])
+    resolution = rng.choice([4, 8, 8])
     levels = rng.randint(1, 3 if resolution > 4 else 2)
     visited = [resolution >> level for level in range(levels)]
     num_train = pick(lambda: rng.randint(8, 120), lambda: 0)
@@ -926,7 +966,7 @@ def fuzz_changes(case: int) -> dict:
         "trainer.enable_checkpointing": False,
         "model.sigma_sampler": _fuzz_sampler(rng, bad),
         "model.backbone.init_args": {
-            "img_resolution": pick(lambda: resolution, lambda: rng.choice([6, 12, 16 if resolution != 16 else 8])),
+            "img_resolution": pick(lambda: resolution, lambda: rng.choice([6, 12, 16])),
             "in_channels": 1,
             "model_channels": pick(lambda: 2 * rng.randint(1, 8), lambda: 2 * rng.randint(1, 8) - 1),
             "channel_mult": [pick(lambda: rng.randint(1, 3), lambda: 0) for _ in range(levels)],

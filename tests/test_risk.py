@@ -9,7 +9,9 @@ import torch
 from scipy import stats
 
 from calmwild.risk import (
+    PRIMARY_SCORE,
     auroc_null_std,
+    danger_zone_bandwidth,
     expected_self_weight,
     kernel_self_weight,
     knn_distance_score,
@@ -20,6 +22,7 @@ from calmwild.risk import (
     random_scores,
     reproduction_counts,
     risk_auroc,
+    risk_scores,
     spearman,
     spearman_null_std,
 )
@@ -237,3 +240,29 @@ def test_reproduction_counts_count_only_memorized_samples():
         reproduction_counts([0, 4], [True, True], num_train=4)
     with pytest.raises(ValueError, match="2 nearest indices for 3"):
         reproduction_counts([0, 1], [True, True, False], num_train=4)
+
+
+def test_danger_zone_bandwidth_is_the_zone_centre_or_the_crossing():
+    assert danger_zone_bandwidth({"empty": False, "sigma": [0.25, 4.0]}) == pytest.approx(1.0)
+    assert danger_zone_bandwidth({"empty": True, "sigma": None, "crossing": {"sigma": 0.7}}) == pytest.approx(0.7)
+    assert danger_zone_bandwidth({"empty": True, "sigma": None, "crossing": {"sigma": None}}) is None
+
+
+def test_risk_scores_gather_every_score_with_k_clipped():
+    train = torch.randn(5, 1, 3, 3, generator=_gen(3))
+    d = brute_distances(train).double()
+    d.fill_diagonal_(math.inf)
+    nearest = d.min(dim=1).values
+    without_bandwidth = risk_scores(train, k=10)
+    assert sorted(without_bandwidth) == sorted([PRIMARY_SCORE, "knn4_distance"])
+    torch.testing.assert_close(without_bandwidth[PRIMARY_SCORE], nearest / nearest.median(), rtol=1e-5, atol=0)
+    four = d.sort(dim=1).values[:, :4].mean(dim=1)
+    torch.testing.assert_close(without_bandwidth["knn4_distance"], four / four.median(), rtol=1e-5, atol=0)
+    with_bandwidth = risk_scores(train, sigma=0.8, k=2, num_noises=3, seed=5)
+    assert sorted(with_bandwidth) == sorted([PRIMARY_SCORE, "knn2_distance", "kernel_self_weight",
+                                             "expected_self_weight"])
+    # the kernel score: 1 / sum_j exp(-||y_i - y_j||^2 / (2 sigma^2)), written out
+    explicit = 1.0 / torch.exp(-brute_distances(train).double() ** 2 / (2 * 0.8**2)).sum(dim=1)
+    torch.testing.assert_close(with_bandwidth["kernel_self_weight"], explicit, rtol=1e-6, atol=0)
+    torch.testing.assert_close(with_bandwidth["expected_self_weight"],
+                               expected_self_weight(train, 0.8, 3, generator=_gen(5)), rtol=0, atol=0)
