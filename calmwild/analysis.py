@@ -26,7 +26,7 @@ from calmwild.geometry import (
     shell_probability_bound,
     shell_radii,
 )
-from calmwild.images import image_grid, save_png
+from calmwild.images import enlarge, image_grid, save_png
 from calmwild.neighbors import flatten
 from calmwild.outputs import write_json
 from calmwild.risk import PRIMARY_SCORE, danger_zone_bandwidth, risk_scores
@@ -281,5 +281,5 @@ def write_risk_report(
     }
     write_json({**summary, "per_image": {name: value.tolist() for name, value in scores.items()}}, out / "risk.json")
     picked = torch.cat([order[:shown], order[-shown:].flip(0)])
-    save_png(image_grid(train[picked].float(), nrow=shown), out / "risk.png")
+    save_png(image_grid(enlarge(train[picked].float()), nrow=shown), out / "risk.png")
     return summary

@@ -57,7 +57,7 @@ def load_datamodule(spec: str) -> InMemoryImageDataModule:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(InMemoryImageDataModule, "data", required=True)
     cfg = parser.parse_object({"data": section})
-    datamodule = parser.instantiate_classes(cfg).data
+    datamodule = parser.instantiate(cfg).data
     datamodule.setup("fit")
     return datamodule
 

@@ -18,6 +18,15 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 
+def enlarge(images: torch.Tensor, min_side: int = 32) -> torch.Tensor:
+    """Images [N, C, H, W] upsampled by the smallest integer factor (nearest neighbour, pixels stay sharp) that makes
+    their width at least ``min_side``; unchanged when already that large. For grids of small images (8x8 digits)."""
+    if images.ndim != 4:
+        raise ValueError(f"expected a batch [N, C, H, W], got shape {tuple(images.shape)}")
+    factor = max(1, math.ceil(min_side / images.shape[-1]))
+    return torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
+
+
 def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
     """A [3, H', W'] grid in [0, 1] of images given in [-1, 1]."""
     if images.ndim != 4 or images.shape[0] == 0:

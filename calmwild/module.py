@@ -254,6 +254,11 @@ class DiffusionModule(pl.LightningModule):
         for b_ema, b in zip(self.net_ema.buffers(), self.net.buffers()):
             b_ema.copy_(b)
 
+    def warmup_factor(self, step: int) -> float:
+        """The learning-rate multiplier at optimizer step ``step``: min(1, (step + 1) / lr_warmup_steps)."""
+        warmup = self.hparams.lr_warmup_steps
+        return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         fused = self.device.type == "cuda"
@@ -263,9 +268,21 @@ class DiffusionModule(pl.LightningModule):
         )
         if hp.lr_warmup_steps <= 0:
             return optimizer
-        warmup = hp.lr_warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.warmup_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A resumed run restores the optimizer's state, hyperparameters included; the config decides those instead
+        (``--model.lr`` on resume takes effect), while Adam's moments and the warm-up position are kept."""
+        hp = self.hparams
+        for config in self.trainer.lr_scheduler_configs:
+            config.scheduler.base_lrs = [hp.lr] * len(config.scheduler.optimizer.param_groups)
+        schedulers = self.trainer.lr_scheduler_configs
+        factor = self.warmup_factor(schedulers[0].scheduler.last_epoch) if schedulers else 1.0
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group.update(lr=hp.lr * factor, initial_lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                             weight_decay=hp.weight_decay)
 
     def train(self, mode: bool = True) -> DiffusionModule:
         super().train(mode)

@@ -1,6 +1,6 @@
 """The paper's main findings end to end, with calmwild's own commands and callbacks only.
 
-    python scripts/study.py --quick              # ~8 min on 2 shared CPU cores (embedded digits, 8x8)
+    python scripts/study.py --quick              # ~5 min on 2 idle CPU cores (embedded digits, 8x8)
     python scripts/study.py --tiny --out DIR     # every stage at toy sizes (under a minute; tests/test_study.py)
     python scripts/study.py                      # full: digits at 16x16, longer training, more samples
     python scripts/study.py --dataset cifar10 --data-root PATH   # the paper's EDM-1K / EDM-50K setup (GPU job)
@@ -61,7 +61,7 @@ from calmwild.cli import run as calmwild
 from calmwild.commands import load_datamodule
 from calmwild.denoisers import SWAP_PRESETS, swap_bands_from_steps
 from calmwild.evaluation import check_sigmas, plot_sigma_curves, save_figure
-from calmwild.images import image_grid, pair_grid, save_png
+from calmwild.images import enlarge, pair_grid, save_png
 from calmwild.outputs import to_jsonable, write_json
 from calmwild.schedule import edm_sigma_steps
 from calmwild.sigma import CROSSING_MIN_MARGIN
@@ -102,7 +102,6 @@ MODELS = ("small", "large", "gap", "reweighted")
 MSE_FLOOR = 1e-7  # lower edge of the MSE plot (images in [-1, 1])
 BANDS = ("large", "medium", "small")
 RANDOM_DRAWS = 1000  # seeds of the random-score baseline's spread
-GRID_MIN_SIDE = 32  # image grids upsample smaller images (nearest neighbour) to this side, so 8x8 digits are visible
 
 # Pass/partly criteria of every claim, fixed in advance and printed in the report.
 CRITERIA = {
@@ -130,7 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="short CPU run on the embedded digits (~8 min on 2 cores)")
+    mode.add_argument("--quick", action="store_true", help="short CPU run on the embedded digits (~5 min on 2 cores)")
     mode.add_argument("--tiny", action="store_true", help="every stage at toy sizes (under a minute)")
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="output directory (default runs/study)")
     parser.add_argument("--dataset", choices=("digits", "cifar10"), default="digits",
@@ -455,31 +454,22 @@ class Study:
         files = {"scores": "risk/scores.json", "figure": "figures/risk.png"}
         if memorized.any():
             shown = memorized.nonzero()[:, 0][:32]
-            save_png(pair_grid(visible(samples[shown]), visible(train[nearest[shown]]), memorized[shown]),
+            save_png(pair_grid(enlarge(samples[shown]), enlarge(train[nearest[shown]]), memorized[shown]),
                      self.out / "figures" / "memorized_pairs.png")
             files["memorized_pairs"] = "figures/memorized_pairs.png"
-        order = torch.argsort(scores[risk.PRIMARY_SCORE], descending=True)
-        show = min(16, train.shape[0] // 2)
-        save_png(image_grid(visible(torch.cat([train[order[:show]], train[order[-show:]]])), nrow=show),
-                 self.out / "figures" / "risk_extremes.png")
-        files["risk_extremes"] = "figures/risk_extremes.png"
+        files["risk_extremes"] = "geometry/risk.png"  # drawn by `calmwild analyze` in the geometry stage
         write_json({"sigma": sigma, "scores": scores, "counts": counts}, out / "scores.json")
         save_figure(plot_risk(scores, counts, per_step, final), self.out / "figures" / "risk.png")
         return {"sigma": sigma, "num_train": int(train.shape[0]), "num_samples": s["risk_samples"],
                 "rate": float(memorized.float().mean()), "num_reproduced": int((counts > 0).sum()),
-                "final": final, "per_step": per_step, "primary": risk.PRIMARY_SCORE, "extremes_shown": show,
+                "final": final, "per_step": per_step, "primary": risk.PRIMARY_SCORE,
+                "extremes_shown": len(saved["most_at_risk"]),
                 "files": files}
 
     # ----- 7. report
     def memorization_figure(self, trained: dict) -> str:
         save_figure(plot_memorization_vs_steps(trained, self.s), self.out / "figures" / "memorization_vs_steps.png")
         return "figures/memorization_vs_steps.png"
-
-
-def visible(images: torch.Tensor) -> torch.Tensor:
-    """Images upsampled by an integer factor (nearest neighbour) to at least :data:`GRID_MIN_SIDE` pixels."""
-    factor = max(1, math.ceil(GRID_MIN_SIDE / images.shape[-1]))
-    return torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
 
 
 def first_partial_step(per_step: list[dict]) -> dict | None:

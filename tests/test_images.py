@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from calmwild.images import MEMORIZED_COLOR, NOVEL_COLOR, image_grid, pair_grid, save_png, to_unit_range
+from calmwild.images import MEMORIZED_COLOR, NOVEL_COLOR, enlarge, image_grid, pair_grid, save_png, to_unit_range
 
 
 def test_to_unit_range_maps_and_repeats_gray():
@@ -29,3 +29,13 @@ def test_grid_errors_and_png(tmp_path):
         image_grid(torch.zeros(0, 1, 8, 8))
     path = save_png(image_grid(torch.rand(5, 3, 8, 8) * 2 - 1), tmp_path / "g.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_enlarge_repeats_each_pixel_by_the_smallest_integer_factor():
+    images = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).reshape(2, 1, 3, 3)
+    big = enlarge(images, min_side=8)  # factor ceil(8 / 3) = 3
+    assert big.shape == (2, 1, 9, 9)
+    assert torch.equal(big, images.repeat_interleave(3, dim=2).repeat_interleave(3, dim=3))
+    assert enlarge(images, min_side=3) is images
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        enlarge(images[0])

@@ -355,6 +355,19 @@ def test_resume_from_an_explicit_checkpoint_path_keeps_the_command_line_settings
     assert (by_path.model.hparams.nan_policy, by_path.model.hparams.sampler_steps) == ("skip", 5)
 
 
+@pytest.mark.slow
+def test_a_learning_rate_given_on_resume_takes_effect_and_the_warm_up_continues(tmp_path):
+    """Lightning restores the optimizer's hyperparameters from the checkpoint; ``--model.lr`` on resume must win,
+    with the warm-up multiplier of the step reached: min(1, (step + 1) / lr_warmup_steps) with 5 warm-up steps."""
+    in_process_fit(tmp_path, **{"trainer.max_steps": 2})
+    resumed = in_process_fit(tmp_path, "--ckpt_path", "last", "--model.lr", "5e-4", **{"trainer.max_steps": 3})
+    assert resumed.trainer.global_step == 3
+    group = resumed.trainer.optimizers[0].param_groups[0]
+    assert group["lr"] == pytest.approx(5e-4 * min(1.0, (3 + 1) / 5))
+    adam_state = next(iter(resumed.trainer.optimizers[0].state.values()))
+    assert float(adam_state["step"]) == 3  # Adam's moments and step count came from the checkpoint (2 + 1)
+
+
 # ===== 2. checkpoints are never half-written =========================================================================
 @pytest.mark.slow
 def test_lightning_checkpoints_are_written_to_a_temp_file_then_renamed_on_the_same_filesystem(tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
                    "calmwild fit --config"):
         assert needle in text
     for image in ("geometry/geometry.png", "figures/per_sigma.png", "figures/memorization_vs_steps.png",
-                  "figures/mitigation.png", "figures/risk.png", "figures/risk_extremes.png"):
+                  "figures/mitigation.png", "figures/risk.png", "geometry/risk.png"):
         assert (out / image).stat().st_size > 0 and f"]({image})" in text
     history = report["results"]["train"]["small"]["history"]
     assert [h["step"] for h in history] == [100, 200, 300]
