@@ -70,14 +70,25 @@ def _sort_by_distance_then_index(d2: torch.Tensor, index: torch.Tensor) -> tuple
     return d2.gather(1, order), index.gather(1, order)
 
 
-def _rescore(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Exact squared distances [q, c] from x [q, d] (on the compute device) to the rows ``index`` [q, c] of ``y``
-    (any device), in row blocks so that at most about ``_DIFF_BUDGET`` differences exist at once."""
-    rows = max(1, _DIFF_BUDGET // max(1, index.shape[1] * x.shape[1]))
-    return torch.cat([
-        _exact_sq_distances(x[s : s + rows], y[index[s : s + rows].to(y.device)].to(x.device))
-        for s in range(0, x.shape[0], rows)
-    ])
+def _rescore_viable(
+    x: torch.Tensor, y: torch.Tensor, computed: torch.Tensor, index: torch.Tensor, k: int, bound: torch.Tensor
+) -> torch.Tensor:
+    """Exact squared distances [q, c] (float64, from the differences) from x [q, d] to the candidate rows ``index``
+    [q, c] of ``y`` whose computed squared distance can still be among the k smallest; +inf for the others.
+
+    A computed value a_j is within ``bound`` [q] of the true t_j, so t_j <= t_(k) <= a_(k) + bound needs
+    a_j <= a_(k) + 2 bound (a_(k) the k-th smallest computed value of the row). A candidate outside that set has a
+    true distance strictly above the k-th: dropping it changes neither the result nor its ties. Pairs are
+    rescored in blocks of about ``_DIFF_BUDGET`` differences."""
+    kth = computed[:, k - 1 : k].double()
+    rows, cols = (computed.double() <= kth + 2.0 * bound.unsqueeze(1)).nonzero(as_tuple=True)
+    exact = torch.full(computed.shape, math.inf, dtype=torch.float64, device=x.device)
+    block = max(1, _DIFF_BUDGET // max(1, x.shape[1]))
+    for s in range(0, rows.numel(), block):
+        r, c = rows[s : s + block], cols[s : s + block]
+        neighbors = y[index[r, c].to(y.device)].to(x.device)
+        exact[r, c] = (x[r].double() - neighbors.double()).square_().sum(dim=1)
+    return exact
 
 
 def _brute_force(x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +128,10 @@ def knn(
        over ``query_chunk`` queries and ``ref_chunk`` references (memory O(query_chunk * ref_chunk) whatever the
        reference size), keeping a running best ``candidates`` (default k + 16) per query. float32 inputs are
        multiplied at full float32 precision (TF32 is switched off for the duration); float64 inputs stay float64.
-    2. Cancellation fix: the retained candidates are re-scored exactly as ||x - y|| from the differences (in
-       float64), then sorted by (distance, index) and cut to k. Ties: the smaller reference index comes first.
+    2. Cancellation fix: the retained candidates that can still be among the k nearest (computed value within
+       twice the error bound below of the k-th computed value) are re-scored exactly as ||x - y|| from the
+       differences (in float64), then sorted by (distance, index) and cut to k. Ties: the smaller reference
+       index comes first.
     3. Certificate: a computed squared distance of the identity differs from the true one by at most
        gamma (||x|| + ||y||)^2 with gamma = (d + 3) u / (1 - (d + 3) u) (u the unit roundoff; standard dot-product
        error bound). Every reference left out has a computed value >= the largest retained one, a_c, so if the
@@ -170,10 +183,11 @@ def knn(
                 top = torch.topk(cand_d, min(keep, cand_d.shape[1]), dim=1, largest=False)
                 best_d, best_i = top.values, cand_i.gather(1, top.indices)
 
-            exact, index = _sort_by_distance_then_index(_rescore(xq, y, best_i), best_i)
+            bound = gamma * (xq.double().norm(dim=1) + y_norm_max).square()
+            rescored = _rescore_viable(xq, y, best_d, best_i, k, bound)
+            exact, index = _sort_by_distance_then_index(rescored, best_i)
             exact, index = exact[:, :k], index[:, :k]
             if keep < n:
-                bound = gamma * (xq.double().norm(dim=1) + y_norm_max).square()
                 uncertain = (exact[:, -1] >= best_d.double().max(dim=1).values - bound).nonzero()[:, 0]
                 if uncertain.numel() > 0:
                     exact[uncertain], index[uncertain] = _brute_force(xq[uncertain], y, k)

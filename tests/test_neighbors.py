@@ -87,6 +87,34 @@ def test_cancellation_exact_where_the_norm_identity_fails():
     torch.testing.assert_close(dist.double(), ref_dist, rtol=1e-5, atol=0)
 
 
+def test_only_candidates_within_twice_the_error_bound_of_the_kth_are_rescored():
+    """Computed values [1, 2, 3.1, 10] with k = 2 and error bound 0.6: a true distance can be among the 2 nearest only
+    if its computed value is <= 2 + 2 * 0.6, so 10 is never rescored (+inf) and the rest equal explicit differences."""
+    x = torch.zeros(1, 3)
+    y = torch.tensor([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 3.0], [4.0, 0, 0]])
+    computed = torch.tensor([[1.0, 2.0, 3.1, 10.0]])
+    exact = neighbors._rescore_viable(x, y, computed, torch.arange(4).unsqueeze(0), 2, torch.tensor([0.6]))
+    assert exact.dtype == torch.float64
+    assert exact[0, :3].tolist() == [1.0, 4.0, 9.0] and exact[0, 3] == float("inf")
+
+
+def test_near_ties_hidden_by_rounding_are_ordered_exactly():
+    """Twelve references about 1e-3 from a query of norm ~5500, nearly tied: the float32 matrix-product values are
+    rounding noise (all within the error bound of each other), so every candidate is rescored, and the order and
+    distances equal brute force from explicit differences."""
+    g = _gen(5)
+    x = 100.0 + torch.randn(1, 3072, generator=g, dtype=torch.float64)
+    directions = torch.randn(12, 3072, generator=g, dtype=torch.float64)
+    directions /= directions.norm(dim=1, keepdim=True)
+    radii = 1e-3 * (1 + torch.arange(12, dtype=torch.float64) * 1e-3)
+    order = torch.randperm(12, generator=g)
+    y = x + radii[order].unsqueeze(1) * directions
+    dist, index = knn(x.float(), y.float(), k=4)
+    ref_dist, ref_index = brute_knn(x.float(), y.float(), 4)
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(dist.double(), ref_dist, rtol=1e-6, atol=0)
+
+
 def test_chunk_sizes_do_not_change_results():
     g = _gen(5)
     y, x = torch.randn(150, 12, generator=g), torch.randn(40, 12, generator=g)
