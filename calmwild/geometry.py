@@ -255,7 +255,9 @@ def _any_in_shell(
 
     Squared distances come from one matrix product per chunk (``squared_distances``); its rounding error is at most
     about 2 gamma_d (||x||^2 + ||y||^2) with gamma_d = d u / (1 - d u) (inner products of length d at unit roundoff
-    u). Pairs whose computed value is within that margin of a shell boundary are recomputed exactly as
+    u). One margin per row, M_q = tol (||x_q||^2 + max_j ||y_j||^2) + 4 u hi2_q, bounds that error for every pair of
+    the chunk: a computed value in [lo2 + M, hi2 - M] is certainly inside the shell, one outside [lo2 - M, hi2 + M]
+    certainly outside. Only a row with no certain hit has its pairs in between recomputed exactly as
     sum((x - y)^2) in float64, so membership is decided exactly (for the stored query values) at any noise level.
     Rows already covered are dropped from later chunks.
     """
@@ -276,10 +278,13 @@ def _any_in_shell(
         d2 = squared_distances(xa, yc, y_sq[start:stop])
         lo = lo2[active].to(d2.dtype).unsqueeze(1)
         hi = hi2[active].to(d2.dtype).unsqueeze(1)
-        margin = tol * (x_sq[active].unsqueeze(1) + y_sq[start:stop].unsqueeze(0)) + 4.0 * u * hi
+        margin = tol * (x_sq[active].unsqueeze(1) + y_sq[start:stop].max()) + 4.0 * u * hi
         hit = ((d2 >= lo + margin) & (d2 <= hi - margin)).any(dim=1)
-        unsure = ~hit.unsqueeze(1) & (((d2 - lo).abs() <= margin) | ((d2 - hi).abs() <= margin))
-        rows, cols = unsure.nonzero(as_tuple=True)
+        missed = (~hit).nonzero(as_tuple=True)[0]
+        # in a row without a certain hit, every pair inside the widened shell is near a boundary: decide it exactly
+        near = (d2[missed] >= lo[missed] - margin[missed]) & (d2[missed] <= hi[missed] + margin[missed])
+        rows, cols = near.nonzero(as_tuple=True)
+        rows = missed[rows]
         for s in range(0, rows.numel(), pair_batch):
             r, c = rows[s : s + pair_batch], cols[s : s + pair_batch]
             exact = (xa[r].to(torch.float64) - yc[c].to(torch.float64)).pow(2).sum(dim=1)

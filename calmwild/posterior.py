@@ -59,7 +59,7 @@ def posterior_summary(
     sig = sig.expand(b) if sig.ndim == 0 else sig.reshape(b)
     if torch.any(sig <= 0):
         raise ValueError(f"sigma must be positive, got min {float(sig.min())}")
-    inv_two_var = (0.5 / sig**2).unsqueeze(1)
+    neg_inv_two_var = (-0.5 / sig**2).unsqueeze(1)
     if train_sq_norms is None:
         train_sq_norms = (ytr * ytr).sum(dim=1)
 
@@ -74,22 +74,23 @@ def posterior_summary(
 
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        logits = -squared_distances(xq, ytr[start:stop], train_sq_norms[start:stop]) * inv_two_var
+        logits = squared_distances(xq, ytr[start:stop], train_sq_norms[start:stop]).mul_(neg_inv_two_var)
         chunk_max, chunk_arg = logits.max(dim=1)
         new_max = torch.maximum(running_max, chunk_max)
         scale = torch.exp(running_max - new_max)
-        # exp of arguments that underflow anyway is ~10x slower on CPUs: clamp them at the dtype's underflow point
-        probs = (logits - new_max.unsqueeze(1)).clamp_min_(_EXP_UNDERFLOW[ytr.dtype]).exp_()
-        running_sum = running_sum * scale + probs.sum(dim=1)
-        if acc is not None:
-            acc = acc * scale.unsqueeze(1) + probs @ ytr[start:stop]
-        argmax = torch.where(chunk_max > running_max, chunk_arg + start, argmax)
-        running_max = new_max
         if self_logit is not None:
             inside = (self_index >= start) & (self_index < stop)
             if inside.any():
                 rows = inside.nonzero(as_tuple=True)[0]
                 self_logit[rows] = logits[rows, self_index[rows] - start]
+        # in place from here (logits become probabilities). exp of arguments that underflow anyway is ~10x slower on
+        # CPUs: they are clamped at the dtype's underflow point first
+        probs = logits.sub_(new_max.unsqueeze(1)).clamp_min_(_EXP_UNDERFLOW[ytr.dtype]).exp_()
+        running_sum = running_sum * scale + probs.sum(dim=1)
+        if acc is not None:
+            acc = acc * scale.unsqueeze(1) + probs @ ytr[start:stop]
+        argmax = torch.where(chunk_max > running_max, chunk_arg + start, argmax)
+        running_max = new_max
 
     log_norm = running_max + running_sum.log()
     return PosteriorSummary(
