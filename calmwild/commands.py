@@ -62,14 +62,19 @@ def load_datamodule(spec: str) -> InMemoryImageDataModule:
     return datamodule
 
 
-def resolve_denoiser(spec: str, datamodule: InMemoryImageDataModule | None, device: str) -> Denoiser:
-    """A checkpoint path, or ``empirical`` / ``gaussian`` built from the datamodule's training set."""
+def resolve_denoiser(spec: str, datamodule: InMemoryImageDataModule | None, device: str,
+                     precision: str = "fp32") -> Denoiser:
+    """A checkpoint path (its network run in ``precision``), or ``empirical`` / ``gaussian`` built from the
+    datamodule's training set."""
     if spec in CLOSED_FORM_DENOISERS:
         if datamodule is None:
             raise ValueError(f"the {spec!r} denoiser is built from a training set: pass --data")
+        if precision != "fp32":
+            raise ValueError(f"--precision {precision} applies to network checkpoints; the {spec!r} denoiser "
+                             "computes in float32 / float64")
         train = datamodule.train_images.to(device)
         return EmpiricalDenoiser(train) if spec == "empirical" else GaussianDenoiser.fit(train)
-    return load_denoiser(spec, device=device)
+    return load_denoiser(spec, device=device, precision=precision)
 
 
 def _image_shape(denoiser: Denoiser, datamodule: InMemoryImageDataModule | None) -> tuple[int, int, int]:
@@ -145,6 +150,7 @@ def sample(
     solver: Literal["heun", "euler"] = "heun",
     s_churn: float = 0.0,
     device: str = "cpu",
+    precision: Literal["fp32", "bf16"] = "fp32",
     threshold: float = 1 / 3,
     overwrite: bool = False,
 ) -> dict:
@@ -165,15 +171,17 @@ def sample(
         solver: heun (2nd order, 2 evaluations per step) or euler.
         s_churn: EDM stochasticity (0 = deterministic ODE).
         device: torch device, e.g. cpu or cuda.
+        precision: network arithmetic: fp32, or bf16 autocast (faster on GPUs; see the README's performance
+            section for its effect on per-sigma MSE). Closed-form denoisers accept fp32 only.
         threshold: ratio-test threshold in (0, 1).
         overwrite: allow writing into a non-empty directory.
     """
     check_threshold(threshold)
     out = prepare_output_dir(out, overwrite)
     datamodule = load_datamodule(data) if data else None
-    denoiser = resolve_denoiser(ckpt, datamodule, device)
+    denoiser = resolve_denoiser(ckpt, datamodule, device, precision)
     settings = {"command": "sample", "denoiser": ckpt, "data": data, "seed": seed, "steps": steps,
-                "solver": solver, "s_churn": s_churn, "device": device}
+                "solver": solver, "s_churn": s_churn, "device": device, "precision": precision}
     report = _sample_and_report(denoiser, datamodule, out, settings, num, batch_size, seed, steps, solver, s_churn,
                                 device, threshold)
     write_json(report, out / "sample.json")
@@ -195,6 +203,7 @@ def swap(
     solver: Literal["heun", "euler"] = "heun",
     s_churn: float = 0.0,
     device: str = "cpu",
+    precision: Literal["fp32", "bf16"] = "fp32",
     threshold: float = 1 / 3,
     overwrite: bool = False,
 ) -> dict:
@@ -218,6 +227,8 @@ def swap(
         solver: heun or euler.
         s_churn: EDM stochasticity.
         device: torch device.
+        precision: network arithmetic: fp32, or bf16 autocast (faster on GPUs; see the README's performance
+            section for its effect on per-sigma MSE). Closed-form denoisers accept fp32 only.
         threshold: ratio-test threshold in (0, 1).
         overwrite: allow writing into a non-empty directory.
     """
@@ -226,13 +237,13 @@ def swap(
     check_threshold(threshold)
     out = prepare_output_dir(out, overwrite)
     datamodule = load_datamodule(data) if data else None
-    base_d = resolve_denoiser(base, datamodule, device)
-    other_d = resolve_denoiser(other, datamodule, device)
+    base_d = resolve_denoiser(base, datamodule, device, precision)
+    other_d = resolve_denoiser(other, datamodule, device, precision)
     check_compatible(base_d, other_d)
     hybrid = SwapDenoiser(base_d, other_d, sigma_bands if sigma_bands is not None else band)
     settings = {"command": "swap", "base": base, "other": other, "band": None if sigma_bands else band,
                 "sigma_bands": hybrid.bands, "data": data, "seed": seed, "steps": steps, "solver": solver,
-                "s_churn": s_churn, "device": device}
+                "s_churn": s_churn, "device": device, "precision": precision}
     report = _sample_and_report(hybrid, datamodule, out, settings, num, batch_size, seed, steps, solver, s_churn,
                                 device, threshold)
     write_json(report, out / "swap.json")
@@ -338,6 +349,7 @@ def evaluate(
     steps: int = 18,
     solver: Literal["heun", "euler"] = "heun",
     device: str = "cpu",
+    precision: Literal["fp32", "bf16"] = "fp32",
     overwrite: bool = False,
 ) -> dict:
     """Every metric once for one denoiser: per-sigma MSE (train and held-out, eq. 5), per-sigma memorization,
@@ -364,6 +376,8 @@ def evaluate(
         steps: sampler steps.
         solver: heun or euler.
         device: torch device.
+        precision: network arithmetic: fp32, or bf16 autocast (faster on GPUs; see the README's performance
+            section for its effect on per-sigma MSE). Closed-form denoisers accept fp32 only.
         overwrite: allow writing into a non-empty directory.
     """
     from calmwild.evaluation import evaluate_denoiser
@@ -371,7 +385,7 @@ def evaluate(
     check_threshold(threshold)
     out = prepare_output_dir(out, overwrite)
     datamodule = load_datamodule(data)
-    denoiser = resolve_denoiser(ckpt, datamodule, device)
+    denoiser = resolve_denoiser(ckpt, datamodule, device, precision)
     _image_shape(denoiser, datamodule)
     report = evaluate_denoiser(
         denoiser, datamodule.train_images, datamodule.heldout_images, out, sigmas=sigmas, num_images=num_images,

@@ -359,7 +359,8 @@ def evaluate_denoiser(
     report = {
         "settings": {"sigmas": sigma_list, "num_images": num_images, "num_noises": num_noises,
                      "num_samples": num_samples, "threshold": threshold, "seed": seed, "batch_size": batch_size,
-                     "device": str(device), "steps": steps, "solver": solver,
+                     "device": str(device), "precision": getattr(denoiser, "precision", None), "steps": steps,
+                     "solver": solver,
                      "fid": {"feature": fid_feature, "weights_path": fid_weights_path, "reference": fid_reference}},
         "data": {"num_train": int(train.shape[0]), "num_heldout": int(heldout.shape[0]),
                  "image_shape": list(image_shape)},

@@ -4,11 +4,11 @@ Run on a GPU (DDPM++ CIFAR-10 sizes, about 10-15 minutes on one H100, most of it
 
     python scripts/bench.py --config cifar --out bench.json
 
-and on a CPU (tiny sizes, about 2-3 minutes on 2 cores):
+and on a CPU (tiny sizes, about 1.5 minutes on 2 idle cores):
 
     python scripts/bench.py --quick --out bench_quick.json
 
-Options: ``--device`` (default cuda if available, else cpu), ``--only training,sampling,knn,empirical,geometry``,
+Options: ``--device`` (default cuda if available, else cpu), ``--only training,sampling,knn,empirical,geometry,precision``,
 ``--threads N``, ``--variants`` (training), ``--memory-fraction``, and size overrides (``--batch-size``,
 ``--timed-steps``, ``--num-references``, ... see ``--help``). Progress goes to stderr; stdout gets ONE JSON object
 (also written to ``--out``) with the device name, torch / Lightning / CUDA versions, precision settings, sizes and:
@@ -22,6 +22,9 @@ Options: ``--device`` (default cuda if available, else cpu), ``--only training,s
    plain ``torch.mm`` of the same shape as the attainable matmul rate.
 4. empirical: ``EmpiricalDenoiser`` vs a dense softmax over the full distance matrix; TFLOP/s (4 Q N d per sigma).
 5. geometry: ``posterior_weight_curves`` + ``shell_coverage`` over 40 sigmas vs a Python loop of per-sigma brute force.
+6. precision: what bf16 costs in per-sigma MSE (eq. 5): two models trained on the embedded digits in fp32 and
+   bf16-mixed, each evaluated in fp32 and under bf16 autocast on the same held-out images and noises; the relative
+   MSE change per sigma (paired) beside the reference's standard error, and the bf16 / fp32 speed ratios.
 
 Timing: CUDA-synchronised wall clock, warm-up excluded, median of the repeats, calmwild and naive interleaved.
 

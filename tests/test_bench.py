@@ -15,7 +15,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 TINY = ["--quick", "--device", "cpu", "--threads", "1", "--batch-size", "8", "--warmup-steps", "1",
         "--timed-steps", "2", "--train-repeats", "1", "--repeats", "1", "--num-samples", "4",
         "--sample-batch-size", "4", "--sampling-steps", "3", "--knn-queries", "40", "--num-references", "300",
-        "--num-queries", "40", "--num-sigmas", "4", "--base-points", "5", "--noises", "4"]
+        "--num-queries", "40", "--num-sigmas", "4", "--base-points", "5", "--noises", "4", "--precision-steps", "2",
+        "--precision-heldout", "8", "--precision-noises", "1"]
 
 
 def run_script(monkeypatch, capsys, args: list[str]) -> tuple[dict, str]:
@@ -45,7 +46,7 @@ def test_quick_mode_runs_every_benchmark_and_writes_one_json_object(tmp_path, mo
     assert record["config"] == "quick" and record["device"] == "cpu" and record["torch"]
     assert record["reference"]["edm_h100"]["training_img_per_s_batch128"]["fp32"] == 334.0
     results = record["results"]
-    assert set(results) == {"training", "sampling", "knn", "empirical", "geometry"}
+    assert set(results) == {"training", "sampling", "knn", "empirical", "geometry", "precision"}
 
     fp32 = results["training"]["variants"]["fp32"]
     assert positive(fp32["calmwild_lightning_fit"]["img_per_s"]) and positive(fp32["plain_pytorch_loop"]["img_per_s"])
@@ -69,6 +70,16 @@ def test_quick_mode_runs_every_benchmark_and_writes_one_json_object(tmp_path, mo
     geometry = results["geometry"]
     assert positive(geometry["calmwild_total_seconds"]) and positive(geometry["naive_total_seconds"])
     assert len(geometry["calmwild"]) == 2
+
+    precision = results["precision"]
+    table = precision["per_sigma_mse"]
+    assert set(table) == {f"train {t} / eval {e}" for t in ("fp32", "bf16") for e in ("fp32", "bf16")}
+    assert table[precision["reference"]]["max_abs_relative_change"] == 0.0
+    for row in table.values():
+        assert len(row["mse_per_pixel"]) == len(precision["sigmas"]) and all(m > 0 for m in row["mse_per_pixel"])
+    # bf16 evaluation of the same network changes the MSE, but by a few percent at most (bf16 keeps 8 bits)
+    assert 0 < table["train fp32 / eval bf16"]["max_abs_relative_change"] < 0.2
+    assert positive(precision["ratio_train_bf16_to_fp32_speed"]) and positive(precision["ratio_eval_bf16_to_fp32_speed"])
 
     # the comparison with the EDM H100 figures only runs on CUDA: exercise it on this record
     from bench.reference import compare

@@ -50,6 +50,16 @@ def test_sample_with_empirical_denoiser_memorizes(tmp_path):
     assert torch.load(tmp_path / "s" / "samples.pt").shape == (12, 1, 16, 16)
 
 
+def test_sample_in_bf16_records_the_precision_and_closed_forms_refuse_it(tmp_path, tiny_checkpoint):
+    report = run(["sample", "--out", str(tmp_path / "s"), "--ckpt", str(tiny_checkpoint), "--num", "4",
+                  "--steps", "4", "--precision", "bf16"])
+    assert report["precision"] == "bf16" and torch.isfinite(torch.load(tmp_path / "s" / "samples.pt")).all()
+    assert json.loads((tmp_path / "s" / "sample.json").read_text())["precision"] == "bf16"
+    with pytest.raises(ValueError, match="--precision bf16 applies to network checkpoints"):
+        run(["sample", "--out", str(tmp_path / "e"), "--ckpt", "empirical", "--data", DIGITS, "--num", "4",
+             "--precision", "bf16"])
+
+
 def test_sample_refuses_to_overwrite(tmp_path):
     out = tmp_path / "s"
     out.mkdir()

@@ -283,6 +283,28 @@ def test_network_denoiser_class_label_and_mode():
         NetworkDenoiser(torch.nn.Linear(2, 2))
 
 
+def test_bf16_precision_rounds_the_network_but_keeps_the_skip_path_in_float32(tmp_path):
+    """Under bf16 autocast the network output F changes by bf16 rounding (relative ~2^-8), while D = c_skip x +
+    c_out F keeps x in float32: at sigma = 0.002, c_out = 0.002, so D moves by far less than a bf16 rounding of x
+    (|x| 2^-8 ~ 1e-2) would cause. At sigma = 1 (c_out ~ 0.45) the change is of bf16 size, not zero."""
+    pytest.importorskip("calmwild.unet")
+    net = _tiny_net(3).eval()
+    x = torch.randn(4, 2, 8, 8, generator=_gen(7))
+    fp32, bf16 = NetworkDenoiser(net), NetworkDenoiser(net, precision="bf16")
+    small, large = torch.full((4,), 0.002), torch.full((4,), 1.0)
+    assert bf16(x, small).dtype == torch.float32 and bf16(x.double(), small).dtype == torch.float64
+    assert (bf16(x, small) - fp32(x, small)).abs().max() < 1e-4
+    change = (bf16(x, large) - fp32(x, large)).abs().max() / fp32(x, large).abs().max()
+    assert 1e-5 < change < 0.05
+    with pytest.raises(ValueError, match="precision must be one of.*'fp16'"):
+        NetworkDenoiser(net, precision="fp16")
+    path = tmp_path / "model.ckpt"
+    _save_checkpoint(path, net, net)
+    assert load_denoiser(path, precision="bf16").precision == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_denoiser(path, precision="half")
+
+
 def test_load_denoiser_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         load_denoiser(tmp_path / "missing.ckpt")

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from . import empirical, geometry, neighbors, reference, sampling, training
+from . import empirical, geometry, neighbors, precision, reference, sampling, training
 from .common import environment, precision_state, say
 
-BENCHMARKS = ("training", "sampling", "knn", "empirical", "geometry")
+BENCHMARKS = ("training", "sampling", "knn", "empirical", "geometry", "precision")
 
 CIFAR_UNET = {"img_resolution": 32, "in_channels": 3, "model_channels": 128, "channel_mult": [2, 2, 2],
               "num_blocks": 4, "attn_resolutions": [16], "dropout": 0.13}
@@ -46,6 +46,9 @@ class Sizes:
     base_points: int
     noises: int
     repeats: int
+    precision_steps: int
+    precision_heldout: int
+    precision_noises: int
 
 
 PRESETS = {
@@ -53,12 +56,12 @@ PRESETS = {
                    num_samples=512, sample_batch_size=512, sampling_steps=18, knn_queries=10_000,
                    num_references=50_000, data_shape=(3, 32, 32), num_queries=1000,
                    empirical_sigmas=(0.02, 0.2, 1.0, 5.0, 40.0), num_sigmas=40, base_points=100, noises=10,
-                   repeats=3),
+                   repeats=3, precision_steps=1500, precision_heldout=1000, precision_noises=4),
     "quick": Sizes(unet=QUICK_UNET, batch_size=32, warmup_steps=3, timed_steps=15, train_repeats=3,
                    num_samples=32, sample_batch_size=32, sampling_steps=18, knn_queries=500,
                    num_references=5000, data_shape=(1, 16, 16), num_queries=500,
                    empirical_sigmas=(0.02, 0.2, 1.0, 5.0, 40.0), num_sigmas=40, base_points=20, noises=10,
-                   repeats=3),
+                   repeats=3, precision_steps=300, precision_heldout=256, precision_noises=2),
 }
 
 # command-line flag -> Sizes field, for the size overrides
@@ -67,7 +70,8 @@ _OVERRIDES = {
     "train_repeats": "train_repeats", "num_samples": "num_samples", "sample_batch_size": "sample_batch_size",
     "sampling_steps": "sampling_steps", "knn_queries": "knn_queries", "num_references": "num_references",
     "num_queries": "num_queries", "num_sigmas": "num_sigmas", "base_points": "base_points", "noises": "noises",
-    "repeats": "repeats",
+    "repeats": "repeats", "precision_steps": "precision_steps", "precision_heldout": "precision_heldout",
+    "precision_noises": "precision_noises",
 }
 
 
@@ -145,6 +149,9 @@ def _run_one(name: str, sizes: Sizes, device: torch.device, args: argparse.Names
     if name == "empirical":
         return empirical.run(sizes.num_queries, sizes.num_references, sizes.data_shape,
                              list(sizes.empirical_sigmas), device, sizes.repeats, args.memory_fraction)
+    if name == "precision":
+        return precision.run(sizes.unet, device, sizes.precision_steps, sizes.batch_size, sizes.precision_heldout,
+                             sizes.precision_noises)
     return geometry.run(sizes.num_references, sizes.data_shape, sizes.num_sigmas, sizes.base_points, sizes.noises,
                         device, sizes.repeats, args.memory_fraction)
 
