@@ -228,7 +228,7 @@ def swap(
         s_churn: EDM stochasticity.
         device: torch device.
         precision: network arithmetic: fp32, or bf16 autocast (faster on GPUs; see the README's performance
-            section for its effect on per-sigma MSE). Closed-form denoisers accept fp32 only.
+            section for its effect on per-sigma MSE). A closed-form side always runs in float32 / float64.
         threshold: ratio-test threshold in (0, 1).
         overwrite: allow writing into a non-empty directory.
     """
@@ -237,8 +237,11 @@ def swap(
     check_threshold(threshold)
     out = prepare_output_dir(out, overwrite)
     datamodule = load_datamodule(data) if data else None
-    base_d = resolve_denoiser(base, datamodule, device, precision)
-    other_d = resolve_denoiser(other, datamodule, device, precision)
+    # --precision applies to the checkpoint side(s); a closed-form side computes in float32 / float64 as always
+    base_d, other_d = (
+        resolve_denoiser(spec, datamodule, device, "fp32" if spec in CLOSED_FORM_DENOISERS else precision)
+        for spec in (base, other)
+    )
     check_compatible(base_d, other_d)
     hybrid = SwapDenoiser(base_d, other_d, sigma_bands if sigma_bands is not None else band)
     settings = {"command": "swap", "base": base, "other": other, "band": None if sigma_bands else band,

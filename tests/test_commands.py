@@ -10,6 +10,7 @@ import torch
 from calmwild.cli import run
 from calmwild.commands import load_datamodule
 from calmwild.data import DigitsDataModule
+from calmwild.denoisers import load_denoiser
 from calmwild.module import DiffusionModule
 from calmwild.unet import UNet
 
@@ -79,6 +80,24 @@ def test_swap_of_identical_checkpoints_equals_plain_sampling(tmp_path, tiny_chec
     b = torch.load(tmp_path / "swap" / "samples.pt")
     assert torch.equal(a, b)
     assert 0.0 <= swapped["memorization"]["rate"] <= 1.0
+
+
+def test_swap_in_bf16_runs_the_checkpoint_side_in_bf16_beside_a_closed_form_side(tmp_path, tiny_checkpoint,
+                                                                                    monkeypatch):
+    from calmwild import commands
+
+    loaded = []
+
+    def recording_load(path, device="cpu", precision="fp32"):
+        denoiser = load_denoiser(path, device=device, precision=precision)
+        loaded.append(denoiser)
+        return denoiser
+
+    monkeypatch.setattr(commands, "load_denoiser", recording_load)
+    report = run(["swap", "--out", str(tmp_path / "s"), "--base", "empirical", "--other", str(tiny_checkpoint),
+                  "--band", "medium", "--num", "4", "--steps", "4", "--data", DIGITS, "--precision", "bf16"])
+    assert report["precision"] == "bf16" and [d.precision for d in loaded] == ["bf16"]
+    assert torch.isfinite(torch.load(tmp_path / "s" / "samples.pt")).all()
 
 
 def test_swap_refuses_mismatched_shapes(tmp_path, tiny_checkpoint):
