@@ -277,9 +277,10 @@ def write_risk_report(
         "seed": int(seed),
         "most_at_risk": order[:shown].tolist(),
         "least_at_risk": order[-shown:].flip(0).tolist(),
-        "files": {"json": "risk.json", "png": "risk.png"},
+        "files": dict(zip(("json", "png"), RISK_FILES)),
     }
-    write_json({**summary, "per_image": {name: value.tolist() for name, value in scores.items()}}, out / "risk.json")
+    json_name, png_name = RISK_FILES
+    write_json({**summary, "per_image": {name: value.tolist() for name, value in scores.items()}}, out / json_name)
     picked = torch.cat([order[:shown], order[-shown:].flip(0)])
-    save_png(image_grid(enlarge(train[picked].float()), nrow=shown), out / "risk.png")
+    save_png(image_grid(enlarge(train[picked].float()), nrow=shown), out / png_name)
     return summary

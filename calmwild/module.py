@@ -275,10 +275,10 @@ class DiffusionModule(pl.LightningModule):
         """A resumed run restores the optimizer's state, hyperparameters included; the config decides those instead
         (``--model.lr`` on resume takes effect), while Adam's moments and the warm-up position are kept."""
         hp = self.hparams
-        for config in self.trainer.lr_scheduler_configs:
-            config.scheduler.base_lrs = [hp.lr] * len(config.scheduler.optimizer.param_groups)
-        schedulers = self.trainer.lr_scheduler_configs
-        factor = self.warmup_factor(schedulers[0].scheduler.last_epoch) if schedulers else 1.0
+        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+        for scheduler in schedulers:
+            scheduler.base_lrs = [hp.lr] * len(scheduler.optimizer.param_groups)
+        factor = self.warmup_factor(schedulers[0].last_epoch) if schedulers else 1.0
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 group.update(lr=hp.lr * factor, initial_lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,

@@ -87,7 +87,7 @@ def _rescore_viable(
     for s in range(0, rows.numel(), block):
         r, c = rows[s : s + block], cols[s : s + block]
         neighbors = y[index[r, c].to(y.device)].to(x.device)
-        exact[r, c] = (x[r].double() - neighbors.double()).square_().sum(dim=1)
+        exact[r, c] = _exact_sq_distances(x[r], neighbors.unsqueeze(1))[:, 0]
     return exact
 
 

@@ -50,6 +50,17 @@ def _curve(ax, sigmas, block, label, style="-"):
         ax.fill_between(sigmas, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)], alpha=0.2)
 
 
+def _finish(fig, ax, ylabel: str, path: Path) -> None:
+    """Log-sigma x axis, labels and legend, then the PNG at ``path``."""
+    ax.set_xscale("log")
+    ax.set_xlabel("sigma")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 def plot_bounds(report: dict, path: Path) -> None:
     """Figure 6: Monte Carlo coverage between the Theorem 4.8 lower and upper bounds."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -57,13 +68,7 @@ def plot_bounds(report: dict, path: Path) -> None:
     _curve(ax, sig, report["coverage"], "coverage C(sigma) (Monte Carlo)")
     _curve(ax, sig, report["coverage_bounds"]["lower"], "Thm 4.8 lower bound E f(d_NN)", "--")
     _curve(ax, sig, report["coverage_bounds"]["upper"], "Thm 4.8 upper bound min(1, N E f(|x - x'|))", ":")
-    ax.set_xscale("log")
-    ax.set_xlabel("sigma")
-    ax.set_ylabel("probability")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _finish(fig, ax, "probability", path)
 
 
 def plot_self_weight(report: dict, path: Path) -> None:
@@ -72,13 +77,7 @@ def plot_self_weight(report: dict, path: Path) -> None:
     sig = report["sigmas"]
     _curve(ax, sig, report["max_weight"], "max weight E max_i w_i")
     _curve(ax, sig, report["self_weight"], "self weight E w_i0", "--")
-    ax.set_xscale("log")
-    ax.set_xlabel("sigma")
-    ax.set_ylabel("posterior weight")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _finish(fig, ax, "posterior weight", path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -435,9 +435,9 @@ class Study:
         saved = json.loads((self.out / "geometry" / "risk.json").read_text())  # written by `calmwild analyze`
         scores = {name: torch.tensor(values, dtype=torch.float64) for name, values in saved["per_image"].items()}
         out = self.out / "risk"
-        report = self.calmwild("sample", "--ckpt", trained["small"]["checkpoint"], "--data", self.config("small"),
-                               "--num", s["risk_samples"], "--seed", s["seed"], "--threshold", s["threshold"],
-                               "--device", self.device, "--out", out / "samples", "--overwrite", "true")
+        self.calmwild("sample", "--ckpt", trained["small"]["checkpoint"], "--data", self.config("small"),
+                      "--num", s["risk_samples"], "--seed", s["seed"], "--threshold", s["threshold"],
+                      "--device", self.device, "--out", out / "samples", "--overwrite", "true")
         per_sample = json.loads((out / "samples" / "per_sample.json").read_text())
         counts = risk.reproduction_counts(per_sample["nearest_index"], per_sample["memorized"], train.shape[0])
         final = score_against(scores, counts, s["seed"])
@@ -458,7 +458,7 @@ class Study:
                      self.out / "figures" / "memorized_pairs.png")
             files["memorized_pairs"] = "figures/memorized_pairs.png"
         files["risk_extremes"] = "geometry/risk.png"  # drawn by `calmwild analyze` in the geometry stage
-        write_json({"sigma": sigma, "scores": scores, "counts": counts}, out / "scores.json")
+        write_json({"sigma": sigma, "scores_file": "geometry/risk.json", "counts": counts}, out / "scores.json")
         save_figure(plot_risk(scores, counts, per_step, final), self.out / "figures" / "risk.png")
         return {"sigma": sigma, "num_train": int(train.shape[0]), "num_samples": s["risk_samples"],
                 "rate": float(memorized.float().mean()), "num_reproduced": int((counts > 0).sum()),
@@ -855,7 +855,7 @@ def write_report(study: Study, stages: Stages, results: dict) -> dict:
         "",
         f"![risk]({rk['files']['figure']})",
         "",
-        *([f"Memorized samples (left) beside their nearest training image (right):", "",
+        *(["Memorized samples (left) beside their nearest training image (right):", "",
            f"![memorized]({rk['files']['memorized_pairs']})", ""] if "memorized_pairs" in rk["files"] else
           ["No sample of the final small model was memorized: no pairs to show.", ""]),
         f"Training images with the {rk['extremes_shown']} highest (top row) and the {rk['extremes_shown']} lowest "

@@ -22,8 +22,6 @@ from test_reliability import (  # noqa: F401  (one_torch_thread: an autouse fixt
     one_torch_thread,
     only_run_dir,
     read_metrics,
-    subprocess_env,
-    tiny_config,
     write_config,
 )
 
