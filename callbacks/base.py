@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from calmwild.evaluation import check_count, save_figure
 from calmwild.images import save_png
 from calmwild.outputs import write_json
+from callbacks.interrupt import interrupt_pending
 from callbacks.sharding import SHARED_SAMPLES, gather_rows, shard_bounds
 
 PHASE_BATCH_END = "train_batch_end"
@@ -150,6 +151,8 @@ class EvaluationCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
         if not self.at_train_end or trainer.sanity_checking or step <= 0 or step == self.last_step:
+            return
+        if interrupt_pending(trainer):  # stopped by a signal: the job may have seconds left, not minutes
             return
         self.run(trainer, pl_module, PHASE_TRAIN_END)
 

@@ -1,4 +1,5 @@
-"""The analysis sub-commands of ``calmwild``: ``sample``, ``swap``, ``evaluate`` and ``analyze``.
+"""The analysis sub-commands of ``calmwild``: ``sample``, ``swap``, ``evaluate``, ``analyze``, and the file
+commands ``import-edm`` and ``convert``.
 
 Each is a typed function; jsonargparse turns its signature and docstring into the command line (``--config``
 and ``--print_config`` included). Each writes into a fresh output directory: the tensors, PNG grids, and one JSON
@@ -34,7 +35,7 @@ from calmwild.denoisers import (
 )
 from calmwild.images import image_grid, pair_grid, save_png
 from calmwild.memorization import check_threshold, trajectory_memorization
-from calmwild.outputs import prepare_output_dir, write_json
+from calmwild.outputs import check_output_dir, prepare_output_dir, write_json
 from calmwild.sampling import generate
 
 CLOSED_FORM_DENOISERS = ("empirical", "gaussian")
@@ -93,6 +94,7 @@ def _image_shape(denoiser: Denoiser, datamodule: InMemoryImageDataModule | None)
 
 def _sample_and_report(
     denoiser: Denoiser,
+    shape: tuple[int, int, int],
     datamodule: InMemoryImageDataModule | None,
     out: Path,
     settings: dict,
@@ -106,7 +108,6 @@ def _sample_and_report(
     threshold: float,
 ) -> dict:
     """Generates, writes samples (tensor + grid) and, with data, the trajectory memorization (ratio test)."""
-    shape = _image_shape(denoiser, datamodule)
     start = time.perf_counter()
     samples = generate(
         denoiser, num, shape, seed=seed, batch_size=batch_size, device=device, num_steps=steps, solver=solver,
@@ -177,12 +178,14 @@ def sample(
         overwrite: allow writing into a non-empty directory.
     """
     check_threshold(threshold)
-    out = prepare_output_dir(out, overwrite)
+    check_output_dir(out, overwrite)
     datamodule = load_datamodule(data) if data else None
     denoiser = resolve_denoiser(ckpt, datamodule, device, precision)
+    shape = _image_shape(denoiser, datamodule)
+    out = prepare_output_dir(out, overwrite)
     settings = {"command": "sample", "denoiser": ckpt, "data": data, "seed": seed, "steps": steps,
                 "solver": solver, "s_churn": s_churn, "device": device, "precision": precision}
-    report = _sample_and_report(denoiser, datamodule, out, settings, num, batch_size, seed, steps, solver, s_churn,
+    report = _sample_and_report(denoiser, shape, datamodule, out, settings, num, batch_size, seed, steps, solver, s_churn,
                                 device, threshold)
     write_json(report, out / "sample.json")
     return report
@@ -235,7 +238,7 @@ def swap(
     if sigma_bands is None and band is None:
         raise ValueError(f"give --band (one of {sorted(SWAP_PRESETS)}) or --sigma_bands")
     check_threshold(threshold)
-    out = prepare_output_dir(out, overwrite)
+    check_output_dir(out, overwrite)
     datamodule = load_datamodule(data) if data else None
     # --precision applies to the checkpoint side(s); a closed-form side computes in float32 / float64 as always
     base_d, other_d = (
@@ -244,10 +247,12 @@ def swap(
     )
     check_compatible(base_d, other_d)
     hybrid = SwapDenoiser(base_d, other_d, sigma_bands if sigma_bands is not None else band)
+    shape = _image_shape(hybrid, datamodule)
+    out = prepare_output_dir(out, overwrite)
     settings = {"command": "swap", "base": base, "other": other, "band": None if sigma_bands else band,
                 "sigma_bands": hybrid.bands, "data": data, "seed": seed, "steps": steps, "solver": solver,
                 "s_churn": s_churn, "device": device, "precision": precision}
-    report = _sample_and_report(hybrid, datamodule, out, settings, num, batch_size, seed, steps, solver, s_churn,
+    report = _sample_and_report(hybrid, shape, datamodule, out, settings, num, batch_size, seed, steps, solver, s_churn,
                                 device, threshold)
     write_json(report, out / "swap.json")
     return report
@@ -311,8 +316,9 @@ def analyze(
     for name, value in (("risk_k", risk_k), ("risk_noises", risk_noises)):
         if risk and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
-    out = prepare_output_dir(out, overwrite)
+    check_output_dir(out, overwrite)
     datamodule = load_datamodule(data)
+    out = prepare_output_dir(out, overwrite)
     report = analyze_geometry(
         datamodule.train_images, datamodule.heldout_images, sigmas=sigmas, num_points=num_points,
         num_noises=num_noises, num_queries=num_queries, num_coverage_noises=num_coverage_noises,
@@ -386,10 +392,11 @@ def evaluate(
     from calmwild.evaluation import evaluate_denoiser
 
     check_threshold(threshold)
-    out = prepare_output_dir(out, overwrite)
+    check_output_dir(out, overwrite)
     datamodule = load_datamodule(data)
     denoiser = resolve_denoiser(ckpt, datamodule, device, precision)
     _image_shape(denoiser, datamodule)
+    out = prepare_output_dir(out, overwrite)
     report = evaluate_denoiser(
         denoiser, datamodule.train_images, datamodule.heldout_images, out, sigmas=sigmas, num_images=num_images,
         num_noises=num_noises, num_samples=num_samples, threshold=threshold, fid_feature=fid_feature,
@@ -399,4 +406,57 @@ def evaluate(
     return report
 
 
-COMMANDS = {"sample": sample, "swap": swap, "analyze": analyze, "evaluate": evaluate}
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite true")
+
+
+def import_edm(source: Path, *, out: Path, network: str = "ema", sample_class: int | None = None,
+               overwrite: bool = False) -> dict:
+    """Turn an NVlabs/edm network pickle into a calmwild checkpoint without running the code it embeds.
+
+    The pickle is a released edm-*.pkl or a training snapshot network-snapshot-*.pkl (see calmwild.interop.edm). The
+    result is used like any calmwild checkpoint: ``calmwild sample --ckpt OUT``, ``swap --other OUT``,
+    ``evaluate --ckpt OUT``.
+
+    Args:
+        source: the EDM pickle.
+        out: the checkpoint to write: .ckpt (torch) or .safetensors.
+        network: which network of the pickle ('ema', EDM's own choice for sampling).
+        sample_class: class every sample is drawn from, for class-conditional networks (0..label_dim-1).
+        overwrite: replace an existing ``out``.
+    """
+    from calmwild.interop.edm import import_edm_network
+
+    out = Path(out)
+    _refuse_existing(out, overwrite)
+    meta = import_edm_network(source, out, network=network, sample_class=sample_class)
+    config = meta["unet"]
+    print(f"calmwild import-edm: {meta['provenance']['model']} ({meta['provenance']['precond']}) "
+          f"{meta['image_shape']} with {config['model_channels']} channels x {config['channel_mult']}, "
+          f"{config['num_classes']} classes -> {out}", flush=True)
+    return meta
+
+
+def convert(source: Path, *, out: Path, overwrite: bool = False) -> dict:
+    """Copy a calmwild checkpoint's weights and metadata into another container: .ckpt <-> .safetensors.
+
+    A .safetensors file holds no pickle at all (weights and JSON metadata), so it can be shared and sampled from; it
+    carries no optimizer state, so training cannot resume from it.
+
+    Args:
+        source: a calmwild checkpoint (.ckpt or .safetensors).
+        out: the file to write (.ckpt or .safetensors).
+        overwrite: replace an existing ``out``.
+    """
+    from calmwild.checkpoints import convert_checkpoint
+
+    out = Path(out)
+    _refuse_existing(out, overwrite)
+    convert_checkpoint(source, out)
+    print(f"calmwild convert: {source} -> {out}", flush=True)
+    return {"source": str(source), "out": str(out)}
+
+
+COMMANDS = {"sample": sample, "swap": swap, "analyze": analyze, "evaluate": evaluate, "import-edm": import_edm,
+            "convert": convert}

@@ -23,8 +23,6 @@ from calmwild.posterior import posterior_summary
 from calmwild.precond import EDMPrecond
 from calmwild.schedule import edm_sigma_steps
 
-CHECKPOINT_FORMAT_VERSION = 1
-_EMA_PREFIX = "net_ema."
 
 
 @runtime_checkable
@@ -129,64 +127,14 @@ class NetworkDenoiser:
 
 
 def load_denoiser(path: str | Path, device: torch.device | str = "cpu", precision: str = "fp32") -> NetworkDenoiser:
-    """Rebuild the EMA network of a calmwild checkpoint as a :class:`NetworkDenoiser` on ``device`` (running in
-    ``precision``, see :class:`NetworkDenoiser`).
+    """The EMA network of a calmwild checkpoint (``.ckpt`` or ``.safetensors``, see :mod:`calmwild.checkpoints`) as a
+    :class:`NetworkDenoiser` on ``device`` running in ``precision``; the checkpoint's ``sample_class`` becomes the
+    class label of every call. The file is read without running code from it, and the weights are loaded
+    strictly against the architecture its metadata describes."""
+    from calmwild.checkpoints import load_network  # lazy: the format module builds backbones
 
-    The checkpoint (CONTRACTS, "Checkpoint format") is a dict with ``checkpoint["calmwild"]`` =
-    {"format_version": 1, "unet": UNet config, "sigma_data", "image_shape", "num_classes", "sample_class"} and the
-    EMA weights of ``EDMPrecond(UNet(...))`` in ``checkpoint["state_dict"]`` under the prefix ``net_ema.``. The
-    weights are loaded strictly; the checkpoint's ``sample_class`` becomes the class label used for every call.
-    """
     _check_precision(precision)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
-        raise ValueError(f"{path} is not a torch checkpoint (torch.load failed: {type(err).__name__}: {err})") from err
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} is not a checkpoint dict: it holds a {type(checkpoint).__name__}")
-    meta = checkpoint.get("calmwild")
-    if not isinstance(meta, dict):
-        raise ValueError(
-            f"{path} is not a calmwild checkpoint: expected a 'calmwild' metadata entry, "
-            f"found keys {sorted(checkpoint)}"
-        )
-    version = meta.get("format_version")
-    if version != CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has calmwild checkpoint format_version {version!r}; this version of calmwild reads "
-            f"format_version {CHECKPOINT_FORMAT_VERSION}"
-        )
-    missing_meta = [key for key in ("unet", "sigma_data", "image_shape") if key not in meta]
-    if missing_meta:
-        raise ValueError(f"{path}: the 'calmwild' metadata lacks {missing_meta}")
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} has no 'state_dict' with the network weights")
-    ema_state = {key[len(_EMA_PREFIX):]: value for key, value in state.items() if key.startswith(_EMA_PREFIX)}
-    if not ema_state:
-        raise ValueError(f"{path} holds no EMA weights (no state_dict key starts with {_EMA_PREFIX!r})")
-
-    from calmwild.unet import UNet  # lazy: keeps this module importable without the backbone module
-
-    try:
-        net = EDMPrecond(UNet(**meta["unet"]), float(meta["sigma_data"]))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: cannot build UNet from the checkpoint's config {meta['unet']}: {err}") from err
-    expected = set(net.state_dict())
-    missing, unexpected = sorted(expected - set(ema_state)), sorted(set(ema_state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: EMA weights do not match the architecture in its metadata (UNet{meta['unet']}): "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    try:
-        net.load_state_dict(ema_state, strict=True)
-    except RuntimeError as err:  # same names, different shapes
-        raise ValueError(f"{path}: EMA weights do not match the architecture in its metadata: {err}") from err
-    net.to(device).eval().requires_grad_(False)
+    net, meta = load_network(path, device=device)
     return NetworkDenoiser(net, class_label=meta.get("sample_class"), image_shape=meta["image_shape"],
                            precision=precision)
 

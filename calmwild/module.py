@@ -17,13 +17,16 @@ beta = 0.5 ** (global_batch / half-life). Checkpoints therefore carry both the l
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 
-from calmwild.denoisers import CHECKPOINT_FORMAT_VERSION, NetworkDenoiser
+from calmwild.checkpoints import DEFAULT_BACKBONE, FORMAT_VERSION, backbone_config
+from calmwild.denoisers import NetworkDenoiser
+from calmwild.outputs import to_jsonable
 from calmwild.precond import EDMPrecond, edm_loss_weight
 from calmwild.sampling import generate
 from calmwild.sigma import LogNormal, SigmaDraw, SigmaSampler
@@ -55,6 +58,8 @@ class DiffusionModule(pl.LightningModule):
             ``None`` disables the ramp-up.
         nan_policy: on a non-finite loss, ``raise`` stops the run with a clear error at that step (the last good
             checkpoint is untouched) or ``skip`` drops the step's update and counts it.
+        nan_max_consecutive, nan_max_fraction: ``skip`` gives up (the same error as ``raise``) after more than this
+            many non-finite steps in a row, or more than this fraction of all steps (judged from step 100 on).
         sample_class: class label used when sampling from a class-conditional backbone (dummy-class baseline: 0).
         sampler_steps, sampler_solver: defaults for :meth:`sample` (EDM Heun, 18 steps).
         seed: base seed for sigma, noise and dropout (combined with step and rank).
@@ -77,6 +82,8 @@ class DiffusionModule(pl.LightningModule):
         ema_halflife_images: float = 500_000.0,
         ema_rampup_ratio: float | None = 0.05,
         nan_policy: Literal["raise", "skip"] = "raise",
+        nan_max_consecutive: int = 10,
+        nan_max_fraction: float = 0.1,
         sample_class: int | None = None,
         sampler_steps: int = 18,
         sampler_solver: Literal["heun", "euler"] = "heun",
@@ -88,8 +95,11 @@ class DiffusionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone", "sigma_sampler"])
         if not hasattr(backbone, "config"):
             raise TypeError(f"backbone {type(backbone).__name__} must expose a `config` dict to be checkpointable")
-        if lr <= 0:
+        if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be positive, got {lr}")
+        if nan_max_consecutive < 0 or not 0.0 <= nan_max_fraction <= 1.0:
+            raise ValueError(f"nan_max_consecutive must be >= 0 and nan_max_fraction in [0, 1], got "
+                             f"{nan_max_consecutive} and {nan_max_fraction}")
         if lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
         if ema_halflife_images <= 0:
@@ -113,6 +123,7 @@ class DiffusionModule(pl.LightningModule):
         self.__dict__["_train_forward"] = torch.compile(self.net) if compile else self.net
         self.sigma_sampler = sigma_sampler if sigma_sampler is not None else LogNormal()
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         cfg = backbone.config
         self.image_shape = (int(cfg["in_channels"]), int(cfg["img_resolution"]), int(cfg["img_resolution"]))
 
@@ -160,8 +171,9 @@ class DiffusionModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
 
-    def _draw_noise(self, images: torch.Tensor) -> tuple[SigmaDraw, torch.Tensor]:
-        """This rank's slice of the sigmas and unit noises drawn for the whole global batch of this step."""
+    def _draw_noise(self, images: torch.Tensor) -> tuple[SigmaDraw, torch.Tensor, torch.Tensor]:
+        """This rank's slice of the sigmas and unit noises drawn for the whole global batch of this step, and the
+        sigmas of the whole global batch (every rank draws them all: logging them needs no communication)."""
         local = images.shape[0]
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.global_rank if self._trainer is not None else 0
@@ -169,12 +181,12 @@ class DiffusionModule(pl.LightningModule):
         draw = self.sigma_sampler.sample(local * world, gen)
         noise = torch.randn((local * world, *images.shape[1:]), generator=gen)
         mine = slice(rank * local, (rank + 1) * local)
-        return SigmaDraw(draw.sigma[mine], draw.weight[mine]), noise[mine]
+        return SigmaDraw(draw.sigma[mine], draw.weight[mine]), noise[mine], draw.sigma
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         images, labels = self._split_batch(batch)
         self._batch_size, self._step_was_skipped = images.shape[0], False
-        draw, noise = self._draw_noise(images)
+        draw, noise, global_sigma = self._draw_noise(images)
         sigma = draw.sigma.to(images)
         noisy = images + noise.to(images) * sigma.reshape(-1, 1, 1, 1)
         if self.hparams.channels_last:
@@ -197,15 +209,36 @@ class DiffusionModule(pl.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
         self.log("train/unweighted_mse", per_sample.detach().mean(), on_step=True, on_epoch=False, sync_dist=True)
         if not finite:
-            self.skipped_steps += 1
-            self._step_was_skipped = True
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+            self._skip_step()
             return None
-        self._log_sigma_histogram(draw.sigma)
+        self.consecutive_skips = 0
+        self._log_sigma_histogram(global_sigma)
         return loss
 
+    def _skip_step(self) -> None:
+        """Counts a step dropped under ``nan_policy: skip`` and stops the run once the skips say it diverged: more
+        than ``nan_max_consecutive`` steps in a row, or more than ``nan_max_fraction`` of all steps so far (judged
+        from step 100 on, so early accidents do not end a run)."""
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self._step_was_skipped = True
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        hp, steps = self.hparams, self.global_step + 1
+        too_many_in_a_row = self.consecutive_skips > hp.nan_max_consecutive
+        too_many_overall = steps >= 100 and self.skipped_steps > hp.nan_max_fraction * steps
+        if too_many_in_a_row or too_many_overall:
+            first = self.global_step - self.consecutive_skips + 1
+            raise FloatingPointError(
+                f"nan_policy=skip gives up at global step {self.global_step}: {self.consecutive_skips} consecutive "
+                f"non-finite steps (from step {first}; limit model.nan_max_consecutive={hp.nan_max_consecutive}) and "
+                f"{self.skipped_steps} of {steps} steps skipped (limit model.nan_max_fraction={hp.nan_max_fraction}); "
+                "the run has diverged, earlier checkpoints are left untouched. Lower the learning rate or check the "
+                "data for NaN/inf."
+            )
+
     def _log_sigma_histogram(self, sigma: torch.Tensor) -> None:
-        """Quantiles of the sampled sigmas as scalars (every logger) and a histogram for W&B / TensorBoard."""
+        """Quantiles of the sigmas of the whole global batch (identical on every rank, hence no sync) as scalars for
+        every logger, and a histogram for W&B / TensorBoard."""
         if self._trainer is None or not self.trainer.loggers:
             return
         if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) != 0:
@@ -304,10 +337,12 @@ class DiffusionModule(pl.LightningModule):
         )
 
     def checkpoint_metadata(self) -> dict:
-        cfg = self.net.backbone.config
+        backbone = self.net.backbone
+        cfg = backbone.config
         return {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "unet": dict(cfg),
+            "format_version": FORMAT_VERSION,
+            "backbone": f"{type(backbone).__module__}.{type(backbone).__qualname__}",
+            "unet": to_jsonable(dict(cfg)),
             "sigma_data": float(self.hparams.sigma_data),
             "image_shape": list(self.image_shape),
             "num_classes": int(cfg.get("num_classes", 0)),
@@ -318,20 +353,33 @@ class DiffusionModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["calmwild"] = self.checkpoint_metadata()
         checkpoint["calmwild_skipped_steps"] = self.skipped_steps
+        checkpoint["calmwild_consecutive_skips"] = self.consecutive_skips
         checkpoint["calmwild_sigma_sampler_state"] = self.sigma_sampler.state_dict()
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        meta = checkpoint.get("calmwild")
+    def check_checkpoint(self, meta: dict | None, where: str = "the checkpoint") -> None:
+        """Refuses a checkpoint whose network differs from this module's: backbone class and config (defaults
+        filled in for keys an older checkpoint does not record), image shape, sigma_data. Only the differing
+        config keys are named."""
         if meta is None:
-            raise ValueError("this checkpoint was not written by calmwild's DiffusionModule (no 'calmwild' entry)")
+            raise ValueError(f"{where} was not written by calmwild's DiffusionModule (no 'calmwild' entry)")
         mine = self.checkpoint_metadata()
-        for key in ("unet", "image_shape", "sigma_data"):
+        mismatch = "checkpoint does not match the configured model:"
+        recorded = meta.get("backbone", DEFAULT_BACKBONE)
+        if recorded != mine["backbone"]:
+            raise ValueError(f"{mismatch} the backbone is {recorded} in {where} but {mine['backbone']} in the config")
+        theirs = backbone_config(meta, where)
+        differ = sorted(k for k in set(theirs) | set(mine["unet"]) if theirs.get(k) != mine["unet"].get(k))
+        if differ:
+            raise ValueError(f"{mismatch} unet is {({k: theirs.get(k) for k in differ})} in {where} but "
+                             f"{({k: mine['unet'].get(k) for k in differ})} in the config")
+        for key in ("image_shape", "sigma_data"):
             if meta.get(key) != mine[key]:
-                raise ValueError(
-                    f"checkpoint does not match the configured model: {key} is {meta.get(key)} in the checkpoint "
-                    f"but {mine[key]} in the config"
-                )
+                raise ValueError(f"{mismatch} {key} is {meta.get(key)} in {where} but {mine[key]} in the config")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint(checkpoint.get("calmwild"))
         self.skipped_steps = int(checkpoint.get("calmwild_skipped_steps", 0))
+        self.consecutive_skips = int(checkpoint.get("calmwild_consecutive_skips", 0))
         sampler_state = checkpoint.get("calmwild_sigma_sampler_state")
         if sampler_state:
             self.sigma_sampler.load_state_dict(sampler_state)

@@ -1,20 +1,24 @@
-"""Writing results: output directories that never clobber earlier results, atomic JSON files."""
+"""Writing results: output directories that never clobber earlier results, atomic files."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 
-def prepare_output_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Creates ``out`` (and parents). An existing non-empty directory is refused unless ``overwrite`` is set, so a
-    command never silently replaces results a user saved."""
+def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuses an output path that exists and is not a directory, or a directory that already holds files (unless
+    ``overwrite``), so a command never silently replaces results a user saved. Creates nothing: commands call it
+    before any work, and :func:`prepare_output_dir` once their inputs are known to be good."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {out} exists and is not a directory")
@@ -22,6 +26,12 @@ def prepare_output_dir(out: str | Path, overwrite: bool = False) -> Path:
         raise FileExistsError(
             f"output directory {out} already holds files; choose a new directory or pass --overwrite true"
         )
+    return out
+
+
+def prepare_output_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """:func:`check_output_dir`, then creates ``out`` (and parents)."""
+    out = check_output_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -43,17 +53,67 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Writes ``obj`` as indented JSON atomically (temporary file, then rename)."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_HOST = socket.gethostname().replace(".", "_")
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Removes the temporary files :func:`atomic_write` left in ``directory`` when its process was killed mid-write:
+    only those made on this host by a process that no longer exists. Returns the removed paths."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for path in directory.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match and match["host"] == _HOST and not _alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Writes ``path`` so that it is either complete or untouched, whatever happens meanwhile (a kill, a full disk).
+
+    ``write(handle)`` fills a temporary file ``.<name>.<host>-<pid>.<random>.tmp`` in the target's own directory (so
+    the final rename never crosses a filesystem, unlike a temporary file under ``$TMPDIR``); the file is flushed to
+    disk, given the usual permissions (0666 minus the umask, as ``open`` would: temporary files start at 0600) and
+    renamed over ``path`` with ``os.replace``, which is atomic on POSIX. On any failure the temporary file is removed
+    and the previous ``path``, if any, stays as it was; a kill leaves the temporary file, which
+    :func:`remove_stale_temporaries` recognises by its dead writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(to_jsonable(obj), handle, indent=2, allow_nan=False)
-            handle.write("\n")
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Writes ``obj`` as indented JSON (NaN/inf as null), atomically (:func:`atomic_write`)."""
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda handle: handle.write(text.encode()))

@@ -9,8 +9,9 @@ PAPER_NOTES 6). With L = len(channel_mult) resolution levels r_l = img_resolutio
 * residual block: h = Conv3x3(SiLU(GN(x))) (resampled first in up/down blocks);
   h = Conv3x3(Dropout(SiLU(GN(h) + A e))); y = (h + skip(x)) / sqrt(2), skip = identity or a 1x1 conv
   (with the same resampling). "A e" is a per-channel additive shift (DDPM++ conditions by a shift only, no
-  scale, but adds it before the GroupNorm, GN(h + A e); we add it after, as ADM's adaptive GroupNorm does, so
-  that it survives the normalisation when groups hold few channels, e.g. one channel per group in narrow nets).
+  scale). The default ``variant="calmwild"`` adds it after the GroupNorm, GN(h) + A e, as ADM's adaptive GroupNorm
+  does, so that it survives the normalisation when groups hold few channels (one channel per group in narrow
+  nets); ``variant="edm"`` adds it before, GN(h + A e), as NVlabs/edm's SongUNet does.
   Optional self-attention afterwards: y = (y + P softmax(Q^T K / sqrt(C)) V) / sqrt(2) over the H*W positions.
 * encoder: 3x3 stem conv, then per level (down block on levels > 0) ``num_blocks`` residual blocks;
   every encoder output is kept as a skip.
@@ -22,12 +23,19 @@ PAPER_NOTES 6). With L = len(channel_mult) resolution levels r_l = img_resolutio
 
 Down/up-sampling is 2x2 average pooling / nearest-neighbour doubling (EDM's resample filter [1, 1]).
 The CIFAR-10 configuration (the defaults) has 55.7M parameters like EDM's DDPM++.
+
+GroupNorm (eps 1e-6) has, for C channels, the largest divisor of C that is at most 32 groups (``variant="calmwild"``)
+or min(32, C // 4) groups (``variant="edm"``, SongUNet's rule). With ``variant="edm"`` the network computes exactly
+the function of SongUNet's DDPM++ configuration once its weights are mapped (:mod:`calmwild.interop.edm`: the
+mapping also reorders SongUNet's [sin, cos] embedding features and its interleaved q/k/v channels, and folds its
+class-label bias into the label embedding).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,14 +51,24 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _num_groups(channels: int, max_groups: int = 32) -> int:
-    """The largest divisor of ``channels`` that is at most ``max_groups`` (32 groups for every width >= 32 that is
-    a multiple of 32; fewer for small widths)."""
+VARIANTS = ("calmwild", "edm")
+_EDM_MIN_CHANNELS_PER_GROUP = 4
+
+
+def num_groups(channels: int, variant: str = "calmwild", max_groups: int = 32) -> int:
+    """GroupNorm groups for ``channels``: the largest divisor of ``channels`` that is at most ``max_groups``
+    (calmwild: 32 groups for every width that is a multiple of 32, fewer for small widths), or SongUNet's
+    min(max_groups, channels // 4) (edm), which must divide ``channels``."""
+    if variant == "edm":
+        groups = min(max_groups, channels // _EDM_MIN_CHANNELS_PER_GROUP)
+        if groups < 1 or channels % groups:
+            raise ValueError(f"variant 'edm' needs GroupNorm widths divisible by min(32, C // 4); C = {channels} is not")
+        return groups
     return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(_num_groups(channels), channels, eps=1e-6)
+def _group_norm(channels: int, variant: str) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups(channels, variant), channels, eps=1e-6)
 
 
 def _xavier(layer: nn.Conv2d | nn.Linear, scale: float = 1.0) -> None:
@@ -99,13 +117,15 @@ class ResBlock(nn.Module):
         dropout: float,
         resample: str | None = None,
         attention: bool = False,
+        variant: str = "calmwild",
     ):
         super().__init__()
         self.resample = resample
-        self.norm0 = _group_norm(in_channels)
+        self.emb_before_norm = variant == "edm"
+        self.norm0 = _group_norm(in_channels, variant)
         self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_channels, out_channels)
-        self.norm1 = _group_norm(out_channels)
+        self.norm1 = _group_norm(out_channels, variant)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         needs_proj = in_channels != out_channels or resample is not None
@@ -117,7 +137,7 @@ class ResBlock(nn.Module):
             _xavier(self.skip)
         self.attn_norm = self.qkv = self.attn_out = None
         if attention:
-            self.attn_norm = _group_norm(out_channels)
+            self.attn_norm = _group_norm(out_channels, variant)
             self.qkv = nn.Conv2d(out_channels, 3 * out_channels, 1)
             self.attn_out = nn.Conv2d(out_channels, out_channels, 1)
             _xavier(self.qkv, scale=math.sqrt(0.2))
@@ -125,9 +145,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv0(_resample(F.silu(self.norm0(x)), self.resample))
-        # shift after the normalisation: with few channels per group (one, for narrow nets) a shift before it
-        # would be largely or entirely normalised away
-        h = self.norm1(h) + self.emb_proj(emb)[:, :, None, None]
+        shift = self.emb_proj(emb)[:, :, None, None]
+        # calmwild shifts after the normalisation: with few channels per group (one, for narrow nets) a shift before
+        # it would be largely or entirely normalised away; SongUNet (variant "edm") shifts before it
+        h = self.norm1(h + shift) if self.emb_before_norm else self.norm1(h) + shift
         h = self.conv1(self.dropout(F.silu(h)))
         shortcut = _resample(x, self.resample)
         if self.skip is not None:
@@ -178,6 +199,8 @@ class UNet(nn.Module):
         dropout: dropout probability inside residual blocks, in [0, 1).
         num_classes: 0 for an unconditional net; otherwise integer labels in [0, num_classes) are required.
         channel_mult_emb: noise-embedding width = model_channels * channel_mult_emb.
+        variant: ``calmwild`` (embedding shift after GroupNorm, groups = largest divisor <= 32) or ``edm``
+            (NVlabs/edm's SongUNet DDPM++: shift before GroupNorm, groups = min(32, C // 4)); see the module docstring.
     """
 
     def __init__(
@@ -192,8 +215,11 @@ class UNet(nn.Module):
         dropout: float = 0.13,
         num_classes: int = 0,
         channel_mult_emb: int = 4,
+        variant: Literal["calmwild", "edm"] = "calmwild",
     ):
         super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         _check_positive_int("img_resolution", img_resolution)
         _check_positive_int("in_channels", in_channels)
         if out_channels is None:
@@ -233,6 +259,7 @@ class UNet(nn.Module):
             "dropout": float(dropout),
             "num_classes": num_classes,
             "channel_mult_emb": channel_mult_emb,
+            "variant": variant,
         }
         self.img_resolution = img_resolution
         self.in_channels = in_channels
@@ -250,7 +277,7 @@ class UNet(nn.Module):
         _xavier(self.emb_mlp[2])
 
         def block(cin: int, cout: int, resample: str | None = None, attention: bool = False) -> ResBlock:
-            return ResBlock(cin, cout, emb_channels, dropout, resample=resample, attention=attention)
+            return ResBlock(cin, cout, emb_channels, dropout, resample=resample, attention=attention, variant=variant)
 
         # encoder: every module's output is a skip for the decoder
         self.stem = nn.Conv2d(in_channels, model_channels, 3, padding=1)
@@ -284,7 +311,7 @@ class UNet(nn.Module):
                 self.decoder.append(block(cin, cout, attention=attention))
                 self._decoder_takes_skip.append(True)
 
-        self.head_norm = _group_norm(cout)
+        self.head_norm = _group_norm(cout, variant)
         self.head_conv = nn.Conv2d(cout, out_channels, 3, padding=1)
         nn.init.zeros_(self.head_conv.weight)
         nn.init.zeros_(self.head_conv.bias)

@@ -56,7 +56,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from calmwild import risk
-from calmwild.cli import find_latest_run
+from calmwild.runs import find_latest_run
 from calmwild.cli import run as calmwild
 from calmwild.commands import load_datamodule
 from calmwild.denoisers import SWAP_PRESETS, swap_bands_from_steps

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from calmwild.cli import find_latest_run, run
+from calmwild.cli import run
+from calmwild.runs import find_latest_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")
@@ -36,7 +37,7 @@ def test_fit_writes_run_directory_and_resume_continues_exactly(tmp_path):
     run_dir = Path(cli.trainer.default_root_dir)
     assert run_dir.parent == tmp_path / "a" and run_dir.name.startswith("run-")
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert (run_dir / "logs" / "metrics.csv").is_file() and (run_dir / "logs" / "config.yaml").is_file()
+    assert (run_dir / "logs" / "metrics.csv").is_file() and (run_dir / "config.yaml").is_file()
     assert cli.trainer.global_step == 12
 
     resumed = fit(tmp_path / "a", "--trainer.max_steps=24", "--ckpt_path=last")
@@ -98,12 +99,12 @@ def test_a_config_that_fails_to_instantiate_leaves_no_run_directory(tmp_path):
 
 def test_a_failed_instantiation_never_removes_a_directory_with_user_files(tmp_path, monkeypatch):
     """Only a directory this run made and left empty is removed; anything else in it keeps it."""
-    from calmwild import cli as cli_module
+    from calmwild import lightning_cli as cli_module
 
     original, made = cli_module.new_run_dir, []
 
-    def new_run_dir_with_a_user_file(root):
-        run_dir = original(root)
+    def new_run_dir_with_a_user_file(root, name=None):
+        run_dir = original(root, name)
         (run_dir / "notes.txt").write_text("mine")
         made.append(run_dir)
         return run_dir

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from calmwild.cli import lightning_main
+from calmwild.lightning_cli import lightning_main
 from calmwild.schedule import ddpm_sigmas
 from calmwild.sigma import DangerZoneGap, DDPMUniform, Gap, LogNormal
 from calmwild.unet import count_parameters

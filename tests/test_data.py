@@ -290,8 +290,9 @@ def test_image_folder_errors_name_files_and_folders(tmp_path):
 
 
 # ----- CIFAR-10 from a fake cifar-10-batches-py --------------------------------------------------------------------
-def _fake_cifar(root: Path, per_batch: int = 40, test_size: int = 30) -> dict:
-    """torchvision's pickle layout; image k of the training split has all pixels = k % 256 and label (7k) % 10."""
+def _fake_cifar(root: Path, monkeypatch, per_batch: int = 40, test_size: int = 30) -> dict:
+    """torchvision's pickle layout; image k of the training split has all pixels = k % 256 and label (7k) % 10.
+    The fake files' MD5 digests replace the published ones for the test."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     train_labels = []
@@ -308,6 +309,7 @@ def _fake_cifar(root: Path, per_batch: int = 40, test_size: int = 30) -> dict:
         pickle.dump({"data": np.repeat((255 - ks).astype(np.uint8)[:, None], 3072, axis=1), "labels": test_labels}, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": CIFAR_NAMES, "num_cases_per_batch": per_batch}, f)
+    monkeypatch.setattr(cifar10_module, "PUBLISHED_MD5", {p.name: cifar10_module._md5(p) for p in folder.iterdir()})
     return {"train_labels": np.array(train_labels), "test_labels": np.array(test_labels)}
 
 
@@ -316,8 +318,8 @@ def _pixel_ids(images: torch.Tensor) -> list[int]:
     return [int(v) for v in ((images[:, 0, 0, 0] + 1) * 127.5).round()]
 
 
-def test_cifar10_first_n_and_car_filter(tmp_path):
-    fake = _fake_cifar(tmp_path)
+def test_cifar10_first_n_and_car_filter(tmp_path, monkeypatch):
+    fake = _fake_cifar(tmp_path, monkeypatch)
     dm = CIFAR10DataModule(str(tmp_path), num_train=50, num_heldout=20, batch_size=10)
     dm.setup()
     assert dm.train_images.shape == (50, 3, 32, 32) and dm.image_shape == (3, 32, 32)
@@ -339,8 +341,8 @@ def test_cifar10_first_n_and_car_filter(tmp_path):
     torch.testing.assert_close(by_index.train_images, cars.train_images)
 
 
-def test_cifar10_class_balanced_and_errors(tmp_path):
-    fake = _fake_cifar(tmp_path)
+def test_cifar10_class_balanced_and_errors(tmp_path, monkeypatch):
+    fake = _fake_cifar(tmp_path, monkeypatch)
     dm = CIFAR10DataModule(str(tmp_path), num_train=30, num_heldout=10, class_balanced=True, batch_size=10)
     dm.setup()
     expected = np.sort(np.concatenate([np.flatnonzero(fake["train_labels"] == c)[:3] for c in range(10)]))

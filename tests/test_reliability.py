@@ -10,7 +10,6 @@ chosen step; nothing in ``calmwild`` knows about them.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import signal
@@ -21,14 +20,22 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 
 from calmwild.data import InMemoryImageDataModule
 
-TESTS = Path(__file__).resolve().parent
-CALMWILD_SCRIPT = Path(sys.executable).with_name("calmwild")
-CALMWILD = [str(CALMWILD_SCRIPT)] if CALMWILD_SCRIPT.exists() else [sys.executable, "-m", "calmwild.cli"]
+from tiny import (
+    CALMWILD,
+    calmwild,
+    fit_error,
+    in_process_fit,
+    only_run_dir,
+    read_metrics,
+    run_command,
+    subprocess_env,
+    tiny_config,
+    write_config,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,112 +74,8 @@ class PoisonBatch(Callback):
             batch[0][0].fill_(self.value)
 
 
-# ----- helpers ----------------------------------------------------------------------------------------------------------
-def tiny_config(**changes) -> dict:
-    """The tiny digits fit config; ``changes`` maps dotted keys (``model.lr``) to values."""
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 30,
-            "log_every_n_steps": 1,
-            "limit_val_batches": 0,
-            "num_sanity_val_steps": 0,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}],
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"save_last": True, "every_n_train_steps": 4, "save_top_k": -1},
-                }
-            ],
-        },
-        "model": {
-            "backbone": {
-                "class_path": "calmwild.unet.UNet",
-                "init_args": {
-                    "img_resolution": 8,
-                    "in_channels": 1,
-                    "model_channels": 16,
-                    "channel_mult": [1, 2],
-                    "num_blocks": 1,
-                    "attn_resolutions": [4],
-                    "dropout": 0.1,
-                },
-            },
-            "sigma_sampler": {"class_path": "calmwild.sigma.LogNormal", "init_args": {"p_mean": -1.2, "p_std": 1.2}},
-            "lr": 2e-3,
-            "lr_warmup_steps": 5,
-            "ema_halflife_images": 2000,
-            "ema_rampup_ratio": 0.05,
-            "seed": 3,
-        },
-        "data": {
-            "class_path": "calmwild.data.DigitsDataModule",
-            "init_args": {"num_train": 96, "num_heldout": 32, "resolution": 8, "batch_size": 32, "seed": 7},
-        },
-    }
-    for key, value in changes.items():
-        *parents, last = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return config
-
-
-def write_config(path: Path, **changes) -> Path:
-    path.write_text(yaml.safe_dump(tiny_config(**changes), sort_keys=False))
-    return path
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["OMP_NUM_THREADS"] = "1"  # several engineers share 2 cores; also fixes the reduction order across runs
-    env.setdefault("WANDB_MODE", "offline")
-    env.update(extra)
-    return env
-
-
-def calmwild(args: list[str], cwd: Path, timeout: float = 180, env: dict | None = None, check: bool = True):
-    """Runs ``calmwild <args>`` in a subprocess; returns the CompletedProcess (stdout and stderr merged)."""
-    done = subprocess.run(
-        CALMWILD + args, cwd=cwd, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, timeout=timeout,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"calmwild {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-4000:]}")
-    return done
-
-
-def only_run_dir(root: Path) -> Path:
-    runs = sorted(root.glob("run-*"))
-    assert len(runs) == 1, f"expected one run directory under {root}, found {[r.name for r in runs]}"
-    return runs[0]
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "logs" / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def in_process_fit(tmp_path: Path, *args: str, **changes):
-    """``calmwild fit`` in this process on the tiny config (``changes`` as in :func:`tiny_config`); returns the CLI."""
-    from unittest import mock
-
-    from calmwild.cli import run
-
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    config = write_config(tmp_path / f"cfg-{time.monotonic_ns()}.yaml", **changes)
-    with mock.patch.object(sys, "argv", ["calmwild"]):  # LightningCLI warns when given args beside pytest's argv
-        return run(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "runs"), *args])
 
 
 def assert_same_tensors(a: dict, b: dict, prefix: str) -> int:
@@ -368,138 +271,7 @@ def test_a_learning_rate_given_on_resume_takes_effect_and_the_warm_up_continues(
     assert float(adam_state["step"]) == 3  # Adam's moments and step count came from the checkpoint (2 + 1)
 
 
-# ===== 2. checkpoints are never half-written =========================================================================
-@pytest.mark.slow
-def test_lightning_checkpoints_are_written_to_a_temp_file_then_renamed_on_the_same_filesystem(tmp_path, monkeypatch):
-    """Every checkpoint file of a fit goes through Lightning's ``_atomic_save``: the bytes go to a temporary file and
-    an ``fsspec`` transaction commit moves it over the destination. On one filesystem the move is a rename(2),
-    which replaces the old file atomically; across filesystems it would be a copy (not atomic), so the temporary
-    file must live on the checkpoint's filesystem."""
-    from fsspec.implementations.local import LocalFileOpener
-
-    commits = []
-    original_commit = LocalFileOpener.commit
-
-    def recording_commit(self):
-        size = os.path.getsize(self.temp)
-        same_device = os.stat(self.temp).st_dev == os.stat(os.path.dirname(self.path)).st_dev
-        original_commit(self)
-        commits.append((self.path, self.temp, size, same_device, os.path.getsize(self.path)))
-
-    monkeypatch.setattr(LocalFileOpener, "commit", recording_commit)
-    cli = in_process_fit(tmp_path, **{"trainer.max_steps": 8})
-    written = sorted(Path(cli.trainer.default_root_dir, "checkpoints").glob("*.ckpt"))
-    assert [p.name for p in written] == ["epoch=1-step=4.ckpt", "epoch=2-step=8.ckpt", "last.ckpt"]
-    committed = {Path(path) for path, *_ in commits}
-    assert set(written) <= committed
-    for path, temp, size, same_device, final_size in commits:
-        assert temp != path and not os.path.exists(temp)  # written elsewhere, then moved into place
-        assert same_device, f"temporary checkpoint file {temp} is on another filesystem than {path}: not atomic"
-        assert size == final_size
-
-
-CHECKPOINT_WRITER = """
-import sys, torch
-path, mode = sys.argv[1], sys.argv[2]
-if mode == "atomic":
-    from lightning.fabric.utilities.cloud_io import _atomic_save as save
-else:
-    save = torch.save
-versions = [{"version": v, "weights": torch.full((6_000_000,), float(v))} for v in (1, 2)]
-i = 0
-while True:
-    save(versions[i % 2], path)
-    i += 1
-"""
-
-
-def _start_writer(path: Path, mode: str, tmpdir: Path) -> subprocess.Popen:
-    env = subprocess_env(TMPDIR=str(tmpdir))
-    return subprocess.Popen([sys.executable, "-c", CHECKPOINT_WRITER, str(path), mode], env=env)
-
-
-def _kill(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-
-
-def _wait_for_first_save(path: Path, writer: subprocess.Popen, timeout: float = 90) -> None:
-    """Until the writer has replaced or rewritten ``path`` once (its Python start-up takes seconds)."""
-    before = path.stat()
-    deadline = time.monotonic() + timeout
-    while True:
-        now = path.stat()
-        if (now.st_ino, now.st_mtime_ns) != (before.st_ino, before.st_mtime_ns):
-            return
-        assert writer.poll() is None and time.monotonic() < deadline, "the checkpoint writer never saved"
-        time.sleep(0.01)
-
-
-@pytest.mark.slow
-def test_sigkill_while_saving_checkpoints_never_leaves_a_truncated_file(tmp_path):
-    """A process that saves 24 MB checkpoints in a loop is SIGKILLed at random moments: with Lightning's atomic save
-    the destination is only ever seen complete (polled meanwhile) and always loads as one whole version. The same
-    loop with a plain ``torch.save`` is caught with a partial file (the test can see the hazard)."""
-    from lightning.fabric.utilities.cloud_io import _atomic_save
-
-    path = tmp_path / "last.ckpt"
-    _atomic_save({"version": 0, "weights": torch.zeros(6_000_000)}, path)  # the size of every complete version
-    full = path.stat().st_size
-    scratch = tmp_path / "tmp"  # the writer's temporary files (TMPDIR), on the checkpoint's filesystem
-    scratch.mkdir()
-    rng = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        writer = _start_writer(path, "atomic", scratch)
-        try:
-            _wait_for_first_save(path, writer)
-            deadline = time.monotonic() + 0.2 + float(torch.rand((), generator=rng))
-            while time.monotonic() < deadline:
-                size = path.stat().st_size
-                assert size == full, f"saw a partially written checkpoint ({size} of {full} bytes)"
-        finally:
-            _kill(writer)
-        state = torch.load(path, weights_only=True)
-        assert state["version"] in (0, 1, 2) and torch.all(state["weights"] == state["version"])
-    # the same kill against a plain torch.save into the destination: a truncated file is observable
-    reference = tmp_path / "reference" / path.name  # torch.save names the archive after the file: same name, same size
-    reference.parent.mkdir()
-    torch.save({"version": 1, "weights": torch.full((6_000_000,), 1.0)}, reference)
-    plain_full = reference.stat().st_size
-    writer = _start_writer(path, "plain", scratch)
-    try:
-        _wait_for_first_save(path, writer)
-        deadline, caught = time.monotonic() + 30, False
-        while time.monotonic() < deadline and not caught:
-            if 0 < path.stat().st_size < plain_full:
-                _kill(writer)
-                caught = path.stat().st_size < plain_full
-    finally:
-        if writer.poll() is None:
-            _kill(writer)
-    assert caught, "never observed a partial file with plain torch.save"
-    with pytest.raises(Exception):
-        torch.load(path, weights_only=True)
-
-
 # ===== 3. bad configuration is refused before training ================================================================
-def fit_error(tmp_path: Path, *args: str, **changes) -> tuple[BaseException, str]:
-    """Runs an in-process fit that must fail; returns the exception and everything it said (message + stderr).
-    Checks that no training happened: no checkpoint, no metrics row, no ``training_step`` in the traceback."""
-    import contextlib
-    import io
-    import traceback
-
-    stderr = io.StringIO()
-    with pytest.raises((ValueError, TypeError, FileNotFoundError, SystemExit)) as info:
-        with contextlib.redirect_stderr(stderr):
-            in_process_fit(tmp_path, *args, **{"trainer.max_steps": 2, **changes})
-    root = tmp_path / "runs"
-    assert not list(root.glob("**/*.ckpt")) and not list(root.glob("**/metrics.csv")), "training started"
-    frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
-    assert "training_step" not in frames, f"refused only inside training_step: {frames[-6:]}"
-    return info.value, f"{info.value}\n{stderr.getvalue()}"
-
-
 def sampler(class_path: str, **init_args) -> dict:
     return {"class_path": f"calmwild.sigma.{class_path}", "init_args": init_args}
 
@@ -574,24 +346,6 @@ def test_different_seeds_for_model_and_data_are_accepted(tmp_path):
 def test_data_and_backbone_image_shapes_must_agree_before_training(tmp_path):
     _, said = fit_error(tmp_path, **{"data.init_args.resolution": 16})
     assert "(1, 16, 16)" in said and "(1, 8, 8)" in said and "img_resolution" in said
-
-
-def run_command(args: list[str]) -> tuple[BaseException | None, str]:
-    """``calmwild <command> ...`` in process: (the exception or None, message + stderr)."""
-    import contextlib
-    import io
-
-    from calmwild.cli import run
-
-    from unittest import mock
-
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr), mock.patch.object(sys, "argv", ["calmwild"]):
-            run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, SystemExit) as error:
-        return error, f"{error}\n{stderr.getvalue()}"
-    return None, stderr.getvalue()
 
 
 @pytest.mark.parametrize(

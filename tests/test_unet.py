@@ -1,10 +1,12 @@
 import json
+import math
 import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from calmwild.unet import PositionalEmbedding, UNet, _num_groups, count_parameters
+from calmwild.unet import PositionalEmbedding, UNet, count_parameters, num_groups
 
 TINY = dict(img_resolution=16, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
             attn_resolutions=(8,), dropout=0.0)
@@ -72,10 +74,10 @@ def test_output_layer_starts_at_zero():
 
 def test_group_count_is_largest_divisor_up_to_32():
     for channels in range(1, 300):
-        g = _num_groups(channels)
+        g = num_groups(channels)
         assert channels % g == 0 and g <= 32
         assert all(channels % d for d in range(g + 1, min(32, channels) + 1))
-    assert _num_groups(256) == 32 and _num_groups(16) == 16 and _num_groups(48) == 24
+    assert num_groups(256) == 32 and num_groups(16) == 16 and num_groups(48) == 24
 
 
 def test_positional_embedding_endpoints():
@@ -233,3 +235,24 @@ def test_tiny_training_step_is_fast():
     assert torch.isfinite(torch.tensor(loss))
     changed = sum(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
     assert changed == len(before)  # every parameter receives a gradient (none is dead)
+
+
+def test_edm_variant_uses_songunets_group_rule_and_shifts_before_the_norm():
+    from calmwild.unet import ResBlock
+
+    assert [num_groups(c, "edm") for c in (16, 32, 96, 128, 256)] == [4, 8, 24, 32, 32]
+    with pytest.raises(ValueError, match="C = 70"):
+        num_groups(70, "edm")
+    torch.manual_seed(0)
+    block = ResBlock(8, 8, emb_channels=4, dropout=0.0, variant="edm").eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x, emb = torch.randn(2, 8, 4, 4), torch.randn(2, 4)
+        h = block.conv0(F.silu(block.norm0(x)))
+        h = block.norm1(h + block.emb_proj(emb)[:, :, None, None])  # GN(h + A e), SongUNet's order
+        expected = (block.conv1(F.silu(h)) + x) / math.sqrt(2)
+        torch.testing.assert_close(block(x, emb), expected)
+        assert block.norm0.num_groups == 2  # min(32, 8 // 4)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        UNet(img_resolution=8, in_channels=1, model_channels=8, channel_mult=(1,), variant="songunet")

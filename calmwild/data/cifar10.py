@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pickle
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 from calmwild.data.base import InMemoryImageDataModule, LoadedImages, check_count, check_subset
 from calmwild.data.convert import uint8_to_signed
 from calmwild.data.download import download_or_explain
+from calmwild.interop.safe_pickle import NUMPY_GLOBALS, PROTOCOL2_GLOBALS, restricted_load
 
 BASE_FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -20,11 +21,29 @@ TEST_BATCH = "test_batch"
 META_FILE = "batches.meta"
 CIFAR10_URL = CIFAR10.url  # https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (about 163 MB)
 NUM_CLASSES = 10
+# The MD5 digests torchvision publishes for the files of cifar-10-python.tar.gz (Krizhevsky's release).
+PUBLISHED_MD5 = {name: md5 for name, md5 in (*CIFAR10.train_list, *CIFAR10.test_list)} | {
+    CIFAR10.meta["filename"]: CIFAR10.meta["md5"]
+}
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_batch(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    """One batch file, after its MD5 matched the published one; unpickled with numpy's array globals only, so even
+    a file that passed the check could not run code."""
+    expected = PUBLISHED_MD5.get(path.name)
+    actual = _md5(path)
+    if actual != expected:
+        raise ValueError(f"{path} is not the published CIFAR-10 file: MD5 {actual}, expected {expected}; refusing to "
+                         "unpickle it (replace it with the file from cifar-10-python.tar.gz)")
+    return restricted_load(path, {**NUMPY_GLOBALS, **PROTOCOL2_GLOBALS}, encoding="latin1")
 
 
 def _read_split(folder: Path, batches: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +85,8 @@ class CIFAR10DataModule(InMemoryImageDataModule):
     paper's 1k subset is the first 1,000 images; its car subset is ``classes: [automobile]``); with
     ``class_balanced`` the first ``num_train / k`` images of each of the k classes (Gu et al.). Held-out images: the
     first ``num_heldout`` images of the TEST split after the same class filter, so they never overlap the training
-    images. Files are read directly from ``<root>/cifar-10-batches-py`` (torchvision's layout; not checksummed).
+    images. Files are read from ``<root>/cifar-10-batches-py`` (torchvision's layout), each only after its MD5 matched
+    the published one, and unpickled with numpy's array globals only.
 
     Args:
         root: folder that holds (or will receive) ``cifar-10-batches-py``.

@@ -1,0 +1,405 @@
+"""``calmwild fit`` (and Lightning's other subcommands): LightningCLI with run directories that never lose work.
+
+(One of calmwild's Lightning-facing modules; :mod:`calmwild.cli` imports it only for these subcommands.)
+
+Every fit writes into one run directory (:mod:`calmwild.runs`): a new ``<root>/run-<time>-<id>`` (``<root>`` is
+``trainer.default_root_dir`` or ``runs/<name of the last --config file>``), the checkpoint's own run when resuming
+from its newest checkpoint, or a new branch directory when resuming from an earlier one or from a file outside any
+run. A run directory is locked while a fit writes it. Checkpoints are saved atomically and loaded weights-only
+(:class:`~calmwild.checkpoint_io.AtomicCheckpointIO`); SIGTERM and SIGINT save the current step and exit with
+128 + the signal number (:class:`callbacks.interrupt.SaveOnInterrupt`); a fit that fails before its first step
+leaves no directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from jsonargparse import Namespace
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+
+from calmwild.checkpoint_io import AtomicCheckpointIO
+from calmwild.checkpoints import is_safetensors, read_checkpoint
+from calmwild.data import InMemoryImageDataModule
+from calmwild.module import DiffusionModule
+from calmwild.runs import (
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    LOG_DIR,
+    METRICS_FILE,
+    RunLock,
+    find_latest_run,
+    intact_checkpoints,
+    launcher_rank,
+    launcher_run_name,
+    metric_rows_before,
+    new_run_dir,
+    plan_resume,
+    remove_unused_run_dir,
+    start_branch,
+    wait_for_run_dir,
+    write_metric_rows,
+)
+from callbacks.interrupt import SaveOnInterrupt
+
+# lightning 2.6 with torch 2.14 warns about a torch-internal deprecation on every fit; it says nothing to users.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+WANDB_ID_FILE = "wandb_run_id.txt"
+RUN_DIR_ENV = "CALMWILD_RUN_DIR"
+
+
+def _as_list(value: Any) -> list:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _is_ddp_child() -> bool:
+    """A process Lightning's subprocess launcher started for DDP rank > 0: it re-runs the command in the directory
+    its parent chose (inherited through ``RUN_DIR_ENV``)."""
+    return bool(os.environ.get(RUN_DIR_ENV)) and os.environ.get("LOCAL_RANK", "0") != "0"
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A CSVLogger that keeps a resumed run's history instead of deleting it.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv``. Here the rows that belong to the history of a run
+    resumed at ``resume_step`` (:func:`calmwild.runs.metric_rows_before`: earlier steps, and the evaluation rows of
+    that step) are written back; rows from after the checkpoint, which the resumed run logs again, are dropped, so
+    the history holds every step exactly once.
+
+    Args:
+        resume_step: global step of the checkpoint being resumed (set by ``calmwild fit --ckpt_path``).
+    """
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment  # other DDP ranks get a no-op experiment and never touch metrics.csv
+    def experiment(self):
+        if self._experiment is not None or self.resume_step is None:
+            return super().experiment
+        header, kept = metric_rows_before(Path(self.log_dir) / METRICS_FILE, self.resume_step)
+        with warnings.catch_warnings():  # its "previous log files will be deleted" is untrue here: rows are kept
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            experiment = super().experiment  # Lightning's writer removes the old file here
+        if kept:
+            write_metric_rows(Path(self.log_dir) / METRICS_FILE, header, kept)
+            experiment.metrics_keys = header
+        return experiment
+
+
+def wandb_reachable(timeout: float = 5.0) -> bool:
+    """Whether the W&B server (``WANDB_BASE_URL``, default api.wandb.ai) accepts a TCP connection within
+    ``timeout`` seconds. Online W&B without a network otherwise stalls for minutes before failing."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class CalmwildSaveConfig(SaveConfigCallback):
+    """Saves the full resolved config at the run directory's root (``config.yaml``; a resumed run's as
+    ``config-resume-step<N>-<time>.yaml`` beside it) and pushes it to W&B, if in use."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        path = Path(trainer.default_root_dir) / self.config_filename
+        self.parser.save(self.config, str(path), skip_none=False, overwrite=False, multifile=self.multifile)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                config = self.parser.dump(self.config, skip_none=False, format="json")
+                logger.experiment.config.update({"cli": json.loads(config)}, allow_val_change=True)
+
+
+_EXPECTED_TYPE = re.compile(r"Parser key \"(?P<key>[^\"]+)\":\s*Expected a <class '(?P<type>\w+)'>\. Got value: (?P<value>.*)",
+                            re.DOTALL)
+_TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}
+
+
+def plain_parse_error(message: str) -> str:
+    """jsonargparse's "Parser key "model.lr": Expected a <class 'float'>. Got value: nan" as "model.lr: expected a
+    number, got 'nan'"; other messages unchanged."""
+    match = _EXPECTED_TYPE.search(message)
+    if match is None:
+        return message
+    kind = _TYPE_WORDS.get(match["type"], f"a {match['type']}")
+    return f"{match['key']}: expected {kind}, got {match['value'].strip()!r}"
+
+
+class CalmwildArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, with errors a user can read: the message in plain words and no page-long usage (the
+    "tip" line that follows names ``--help``)."""
+
+    def print_usage(self, file: Any = None) -> None:
+        return None
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        return super().error(plain_parse_error(message), ex)
+
+
+class CalmwildCLI(LightningCLI):
+    """LightningCLI with calmwild's run directories, safe checkpoint input/output, interrupt saves and a closing
+    summary (see the module docstring)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--wandb_offline_fallback", type=bool, default=False,
+            help="If W&B is configured online but its server cannot be reached, log offline instead of failing.",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's own _parse_ckpt_path is not called: it would overwrite the parsed model settings with the
+        checkpoint's hyperparameters. Here the config and command line decide the settings (as for
+        ``--ckpt_path last``) and the checkpoint only the state. The checkpoint itself is read (safely) and checked
+        against the config in :meth:`before_instantiate_classes`."""
+
+    # ------------------------------------------------------------------ before anything is built
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        self._check_devices(cfg.trainer.get("devices"))
+        if self.subcommand != "fit":
+            return
+        self._check_wandb(cfg)
+        config_files = _as_list(cfg.get("config"))
+        self.run_name = Path(str(config_files[-1])).stem if config_files else "default"
+        root = Path(cfg.trainer.default_root_dir or f"runs/{self.run_name}")
+        resume_step = None
+        if cfg.get("ckpt_path"):
+            if cfg.ckpt_path == "last":
+                cfg.ckpt_path = str(find_latest_run(root) / CHECKPOINT_DIR / LAST_CHECKPOINT)
+            checkpoint = self._read_resume_checkpoint(cfg)
+            self._resume_meta = checkpoint["calmwild"]
+            resume_step = int(checkpoint.get("global_step", 0))
+        run_dir = self._choose_run_dir(cfg, root, resume_step)
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by DDP child processes launched by this one
+        self.run_dir = run_dir
+        cfg.trainer.default_root_dir = str(run_dir)
+        if resume_step is not None:  # the run's first config.yaml stays; the resumed run's is saved beside it
+            self.save_config_kwargs["config_filename"] = (
+                f"config-resume-step{resume_step}-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+            )
+        self._place_loggers(cfg, run_dir, self.run_name, resume_step)
+        self._place_checkpoints(cfg, run_dir)
+
+    @staticmethod
+    def _check_devices(devices: Any) -> None:
+        """Lightning's own refusal of ``devices=0`` does not say what it would accept."""
+        count = devices if isinstance(devices, int) else int(devices) if str(devices).lstrip("-").isdigit() else None
+        if count is not None and (count == 0 or count < -1):
+            raise ValueError(f"trainer.devices={devices}: expected a positive number of devices, -1 (all of them), "
+                             "'auto', or a list of device indices such as [0, 1]")
+
+    def _choose_run_dir(self, cfg: Namespace, root: Path, resume_step: int | None) -> Path:
+        """The run directory of this fit (:mod:`calmwild.runs`), created or locked as needed: DDP children reuse
+        their parent's; under torchrun or SLURM rank 0 creates the job's directory and the other ranks wait for it."""
+        self._new_run_dir = None
+        if _is_ddp_child():
+            return Path(os.environ[RUN_DIR_ENV])
+        rank, job_name = launcher_rank(), launcher_run_name()
+        if resume_step is not None:
+            plan = plan_resume(Path(cfg.ckpt_path), root, resume_step)
+            if plan.in_place:
+                run_dir = plan.directory
+            elif rank not in (None, 0):
+                return wait_for_run_dir(plan.directory / job_name)
+            else:
+                run_dir = self._new_run_dir = start_branch(plan, Path(cfg.ckpt_path), job_name)
+        elif rank not in (None, 0):
+            return wait_for_run_dir(root / job_name)
+        elif job_name is not None and (root / job_name).is_dir():
+            run_dir = root / job_name  # the same SLURM job after a requeue: Lightning resumes its hpc checkpoint
+        else:
+            run_dir = self._new_run_dir = new_run_dir(root, job_name)
+        self._lock = RunLock(run_dir).acquire()
+        return run_dir
+
+    @staticmethod
+    def _read_resume_checkpoint(cfg: Namespace) -> dict:
+        """The checkpoint to resume from, read without running code from it (tensors and plain types only; a file
+        that needs anything else is refused, naming the offending type) and checked to be calmwild's. Lightning
+        reads it again with ``weights_only=True``: calmwild never loads a checkpoint any other way. A damaged file
+        is reported with the newest intact checkpoint beside it."""
+        if cfg.get("weights_only") is False:
+            raise ValueError("--weights_only false: calmwild loads checkpoints with weights_only=True only (a file "
+                             "that needs more than tensors and plain types could run code); drop the option")
+        cfg.weights_only = True
+        path = Path(cfg.ckpt_path)
+        if is_safetensors(path):
+            raise ValueError(f"--ckpt_path {path}: a .safetensors file holds weights only (no optimizer or "
+                             "training-loop state), so training cannot resume from it; evaluate it with `calmwild "
+                             "validate`, `evaluate` or `sample`, or resume from a .ckpt")
+        try:
+            return read_checkpoint(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file") from None
+        except ValueError as err:
+            others = [(step, p) for step, p in intact_checkpoints(path.parent) if p.resolve() != path.resolve()]
+            advice = (f"; the newest intact checkpoint beside it is {others[0][1]} (step {others[0][0]}): resume with "
+                      f"--ckpt_path {others[0][1]}") if others else ""
+            raise ValueError(f"--ckpt_path {path} is not a usable calmwild checkpoint: {err}{advice}") from None
+
+    @staticmethod
+    def _place_loggers(cfg: Namespace, run_dir: Path, run_name: str, resume_step: int | None) -> None:
+        for logger in _as_list(cfg.trainer.logger):
+            if not isinstance(logger, Namespace) or "init_args" not in logger:
+                continue
+            args = logger.init_args
+            name = logger.class_path.rsplit(".", 1)[-1]
+            args.save_dir = str(run_dir)
+            if name in ("CSVLogger", "TensorBoardLogger", "ResumableCSVLogger"):
+                args.name = LOG_DIR
+                args.version = ""
+            if name in ("CSVLogger", "ResumableCSVLogger"):
+                logger.class_path = "calmwild.lightning_cli.ResumableCSVLogger"
+                args.resume_step = resume_step
+            elif name == "WandbLogger":
+                id_file = run_dir / WANDB_ID_FILE
+                if id_file.exists():  # resuming in place: continue the same W&B run (a branch gets its own)
+                    args.id = id_file.read_text().strip()
+                else:
+                    args.id = args.get("id") or uuid.uuid4().hex[:12]
+                    if not _is_ddp_child() and launcher_rank() in (None, 0):
+                        id_file.write_text(args.id)
+                if not args.get("name"):
+                    args.name = run_name
+
+    @staticmethod
+    def _check_wandb(cfg: Namespace) -> None:
+        """Fails fast (seconds) when an online WandbLogger cannot reach its server, or falls back to offline."""
+        online = [
+            lg for lg in _as_list(cfg.trainer.logger)
+            if isinstance(lg, Namespace) and lg.class_path.endswith("WandbLogger") and not lg.init_args.get("offline")
+        ]
+        if not online or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+            return
+        if wandb_reachable():
+            return
+        if cfg.get("wandb_offline_fallback"):
+            warnings.warn("W&B server unreachable: logging offline (sync later with `wandb sync`)", stacklevel=2)
+            for lg in online:
+                lg.init_args.offline = True
+            return
+        raise SystemExit(
+            "calmwild: the config logs to W&B online, but the W&B server cannot be reached. Set WANDB_MODE=offline "
+            "(then `wandb sync` later), pass --wandb_offline_fallback=true, or use another logger "
+            "(--trainer.logger=lightning.pytorch.loggers.CSVLogger)."
+        )
+
+    @staticmethod
+    def _place_checkpoints(cfg: Namespace, run_dir: Path) -> None:
+        for callback in _as_list(cfg.trainer.callbacks):
+            if isinstance(callback, Namespace) and callback.class_path.endswith("ModelCheckpoint"):
+                if not callback.init_args.get("dirpath"):
+                    callback.init_args.dirpath = str(run_dir / CHECKPOINT_DIR)
+
+    # ------------------------------------------------------------------ building and running
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured Trainer, with atomic weights-only checkpoint input/output and, for fits, the interrupt
+        saver (ordered with the checkpoint callbacks, after them)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.subcommand == "fit":
+            trainer.callbacks.append(SaveOnInterrupt())
+        return trainer
+
+    def instantiate_classes(self) -> None:
+        """Instantiates model, data and trainer; a failure (a bad init arg) removes the run directory made for
+        this fit again (:func:`calmwild.runs.remove_unused_run_dir`), so failed configs leave no litter."""
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            self._discard_new_run_dir()
+            raise
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Runs the subcommand; when a fit fails before it trained a single step (missing or bad data, a refused
+        setting), the run directory made for it is removed again."""
+        start = None
+        try:
+            start = self.trainer.global_step
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if start is not None and self.trainer.global_step == start:
+                self._discard_new_run_dir()
+            raise
+        finally:
+            lock = getattr(self, "_lock", None)
+            if lock is not None:
+                lock.release()
+
+    def _discard_new_run_dir(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+        run_dir = getattr(self, "_new_run_dir", None)
+        if run_dir is not None:
+            remove_unused_run_dir(run_dir, extra=(WANDB_ID_FILE,))
+
+    def before_fit(self) -> None:
+        """A checkpoint of another network is refused here, before the loggers, the config file or the checkpoint
+        load write anything (the run directory made for the fit is then removed again)."""
+        meta = getattr(self, "_resume_meta", None)
+        if meta is not None:
+            self.model.check_checkpoint(meta, f"checkpoint {self.config['fit'].ckpt_path}")
+
+    def _save_final_last_checkpoint(self) -> None:
+        """Writes ``last.ckpt`` at the final step when the checkpoint interval did not end on it (e.g. every 4 steps,
+        max_steps 7), so that the weights of the last steps are never only in memory. Runs on every rank (the save
+        is a collective call; Lightning writes on rank 0)."""
+        for callback in self.trainer.checkpoint_callbacks:
+            # save_last="link" would only link the stale top-k file, so only a real last.ckpt is written here
+            if getattr(callback, "save_last", None) is not True:
+                continue
+            if callback._last_global_step_saved == self.trainer.global_step:
+                continue
+            callback._save_last_checkpoint(self.trainer, callback._monitor_candidates(self.trainer))
+
+    def after_fit(self) -> None:
+        self._save_final_last_checkpoint()
+        if self.trainer.global_rank != 0:
+            return
+        run_dir = Path(self.trainer.default_root_dir)
+        lines = [f"calmwild: run finished at step {self.trainer.global_step}; run directory {run_dir}"]
+        for cb in self.trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None):
+                lines.append(f"  checkpoints: {cb.dirpath} (last: {cb.last_model_path or 'none'})")
+        for logger in self.trainer.loggers:
+            where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+            lines.append(f"  {type(logger).__name__}: {where}")
+        config_file = run_dir / self.save_config_kwargs.get("config_filename", "config.yaml")
+        if config_file.exists():
+            lines.append(f"  config: {config_file}")
+        print("\n".join(lines), flush=True)
+
+
+def lightning_main(args: list[str] | None, run: bool = True) -> CalmwildCLI:
+    """LightningCLI over DiffusionModule and any calmwild datamodule; ``run=False`` only instantiates."""
+    return CalmwildCLI(
+        DiffusionModule,
+        InMemoryImageDataModule,
+        subclass_mode_data=True,
+        save_config_callback=CalmwildSaveConfig,
+        save_config_kwargs={"overwrite": False, "save_to_log_dir": False},
+        parser_class=CalmwildArgumentParser,
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
