@@ -1,6 +1,7 @@
 """Lightning callbacks that schedule calmwild's evaluations during training and log their results.
 
-Configure them under ``trainer.callbacks`` with class paths ``callbacks.PerSigmaMSE``, ``callbacks.PerSigmaMemorization``,
+Configure them under ``trainer.callbacks`` with class paths ``callbacks.PerSigmaMSE``,
+``callbacks.PerSigmaMemorization``,
 ``callbacks.TrajectoryMemorization``, ``callbacks.FID`` and ``callbacks.SampleGrid``.
 """
 

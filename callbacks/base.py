@@ -32,11 +32,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
-from calmwild.evaluation import check_count, save_figure
-from calmwild.images import save_png
-from calmwild.outputs import write_json
+from calmwild.checks import check_count
+from calmwild.evaluation import Gather, shard_bounds
+from calmwild.io import save_figure, save_png, write_json
+from calmwild.settings import SamplingSettings
 from callbacks.interrupt import interrupt_pending
-from callbacks.sharding import SHARED_SAMPLES, gather_rows, shard_bounds
+from callbacks.sharding import DEVICE_CACHE, SHARED_SAMPLES, gather_rows
 
 PHASE_BATCH_END = "train_batch_end"
 PHASE_TRAIN_END = "train_end"
@@ -175,14 +176,29 @@ class EvaluationCallback(Callback):
             self.history.append({"step": ctx.step, "phase": phase, "seconds": seconds, **result.metrics})
             self._write(trainer, ctx, result, seconds)
             self._log(trainer, ctx.step, result)
+        metrics = trainer.strategy.broadcast(result.metrics if result is not None else {}, src=0)
+        self._to_callback_metrics(pl_module, phase, metrics)
         trainer.strategy.barrier()
         return result
 
+    @staticmethod
+    def _to_callback_metrics(pl_module: LightningModule, phase: str, metrics: dict[str, float]) -> None:
+        """The metrics, on every rank, through Lightning's own ``log`` (not sent to the loggers again): they land in
+        ``trainer.callback_metrics`` at the step they were computed, where ``ModelCheckpoint(monitor=...)`` and
+        ``EarlyStopping(monitor=...)`` read them (checkpoint callbacks run after the others in the same hook).
+        Lightning refuses ``log`` at the end of training, where no callback would read it anyway."""
+        if phase == PHASE_TRAIN_END:
+            return
+        for key, value in metrics.items():
+            pl_module.log(key, float(value), logger=False, on_step=phase == PHASE_BATCH_END,
+                          on_epoch=phase != PHASE_BATCH_END, sync_dist=False)
+
     # ------------------------------------------------------------------ helpers for subclasses
     @staticmethod
-    def gather(pl_module: LightningModule, ctx: Context, rows: torch.Tensor, total: int) -> torch.Tensor:
-        """All ranks' shards of ``total`` rows (see :func:`callbacks.sharding.gather_rows`)."""
-        return gather_rows(pl_module, rows, total, ctx.world_size)
+    def gatherer(pl_module: LightningModule, ctx: Context) -> Gather:
+        """The gather of :mod:`calmwild.evaluation`: every rank's rows of a ``total``-row result, in rank order (see
+        :func:`callbacks.sharding.gather_rows`)."""
+        return lambda rows, total: gather_rows(pl_module, rows, total, ctx.world_size)
 
     @staticmethod
     def shard(ctx: Context, total: int) -> tuple[int, int]:
@@ -190,19 +206,24 @@ class EvaluationCallback(Callback):
         return shard_bounds(total, ctx.rank, ctx.world_size)
 
     @staticmethod
-    def shared_samples(
-        trainer: Trainer, pl_module: LightningModule, ctx: Context, start: int, stop: int, seed: int, steps: int,
-        solver: str, batch_size: int,
-    ) -> torch.Tensor:
+    def cached_train(trainer: Trainer, ctx: Context):
+        """The training images on the evaluation device, copied there once per run (not at every evaluation)."""
+        return DEVICE_CACHE.get(trainer, "train_images", ctx.device, lambda: trainer.datamodule.train_images)
+
+    @staticmethod
+    def shared_samples(trainer: Trainer, pl_module: LightningModule, ctx: Context, start: int, stop: int,
+                       sampling: SamplingSettings):
         """Samples [start, stop) of the EMA network (sample i from seed + i), CPU float32; generated once per
-        evaluation point and sampler settings and shared between callbacks (:data:`callbacks.sharding.SHARED_SAMPLES`)."""
+        evaluation point and sampler settings and shared between callbacks
+        (:data:`callbacks.sharding.SHARED_SAMPLES`)."""
         shape = (0, *pl_module.image_shape)
         if stop <= start:
             return torch.empty(shape)
+        numbers = (sampling.seed, sampling.steps, sampling.solver, sampling.s_churn, sampling.precision)
         return SHARED_SAMPLES.get(
-            trainer, (ctx.step, ctx.phase), (seed, steps, solver), start, stop,
-            lambda: pl_module.sample(stop - start, seed=seed + start, batch_size=batch_size, num_steps=steps,
-                                     solver=solver).cpu(),
+            trainer, (ctx.step, ctx.phase), numbers, start, stop,
+            lambda: pl_module.sample(stop - start, **{**sampling.generate_kwargs(), "seed": sampling.seed + start},
+                                     precision=sampling.precision).cpu(),
         )
 
     def output_dir(self, trainer: Trainer) -> Path:

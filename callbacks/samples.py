@@ -1,71 +1,54 @@
 """Evaluations of generated samples during training: trajectory memorization, FID and a nearest-neighbour grid.
 
 All three draw their samples through :meth:`EvaluationCallback.shared_samples`: at one evaluation point, callbacks
-with the same (seed, steps, solver) share one set of samples (sample i from seed + i; a callback asking for fewer
-samples reuses the first ones of a larger set on one process). Each rank generates its contiguous slice.
+with the same sampler settings share one set of samples (sample i from seed + i; a callback asking for fewer
+samples reuses the first ones of a larger set on one process). Each rank generates its contiguous slice. The
+computation is :mod:`calmwild.evaluation`'s; these callbacks schedule it, shard it and log it.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from matplotlib.figure import Figure
 
-from calmwild.evaluation import (
-    FID_FEATURES,
-    FID_REFERENCES,
-    check_choice,
-    check_count,
-    fid_report,
-    nearest_pairs_grid,
-    plot_ratio_histogram,
-    trajectory_report,
-)
+from calmwild.checks import check_count, check_threshold
+from calmwild.evaluation import evaluate_trajectory_memorization
 from calmwild.fid import (
     ReferenceStats,
     build_feature_extractor,
     extract_features,
     extractor_identity,
     feature_statistics,
+    fid_report,
     frechet_distance,
     reference_statistics,
 )
-from calmwild.memorization import RatioTestResult, check_threshold, mean_and_stderr, ratio_test
-from calmwild.memorization import TrajectoryMemorization as TrajectoryResult
+from calmwild.memorization.ratio import RATIO_THRESHOLD, RatioTestResult, ratio_test
+from calmwild.memorization.report import nearest_pairs_grid
+from calmwild.settings import FIDSettings, SamplingSettings
 from callbacks.base import Context, Evaluation, EvaluationCallback
-
-SOLVERS = ("heun", "euler")
 
 
 class _SampleCallback(EvaluationCallback):
     """Shared arguments of the sample-based callbacks: how many samples, and the sampler that makes them."""
 
-    def __init__(
-        self,
-        num_samples: int,
-        steps: int,
-        solver: str,
-        seed: int,
-        batch_size: int,
-        every_n_steps: int,
-        at_train_end: bool,
-        name: str | None,
-        min_samples: int = 1,
-    ):
+    def __init__(self, num_samples: int, sampling: SamplingSettings, every_n_steps: int, at_train_end: bool,
+                 name: str | None, min_samples: int = 1):
         super().__init__(every_n_steps=every_n_steps, at_train_end=at_train_end, name=name)
         self.num_samples = check_count(num_samples, "num_samples", min_samples)
-        self.steps = check_count(steps, "steps")
-        self.solver = check_choice(solver, "solver", SOLVERS)
-        self.seed = check_count(seed, "seed", 0)
-        self.batch_size = check_count(batch_size, "batch_size")
+        if not isinstance(sampling, SamplingSettings):
+            raise TypeError(f"sampling must be SamplingSettings, got {type(sampling).__name__}")
+        self.sampling = sampling
 
     def settings(self) -> dict[str, Any]:
-        return {"num_samples": self.num_samples, "steps": self.steps, "solver": self.solver, "seed": self.seed}
+        sampler = {k: v for k, v in self.sampling.to_dict().items() if k != "batch_size"}  # batching changes nothing
+        return {"num_samples": self.num_samples, **sampler}
 
     def check_world(self, world_size: int) -> None:
         if self.num_samples < world_size:
@@ -75,59 +58,47 @@ class _SampleCallback(EvaluationCallback):
     def my_samples(self, trainer: Trainer, pl_module: LightningModule, ctx: Context) -> torch.Tensor:
         """This rank's contiguous slice of the ``num_samples`` samples (CPU float32)."""
         start, stop = self.shard(ctx, self.num_samples)
-        return self.shared_samples(trainer, pl_module, ctx, start, stop, self.seed, self.steps, self.solver,
-                                   self.batch_size)
-
-    def gathered_tests(self, pl_module: LightningModule, ctx: Context, tests: RatioTestResult) -> RatioTestResult:
-        return RatioTestResult(*(self.gather(pl_module, ctx, field.cpu(), self.num_samples) for field in tests))
+        return self.shared_samples(trainer, pl_module, ctx, start, stop, self.sampling)
 
 
-class TrajectoryMemorization(_SampleCallback):
-    """Trajectory-level memorization (PAPER_NOTES 2): the fraction of EMA samples (EDM ODE from pure noise) whose
+class _RatioTestCallback(_SampleCallback):
+    """A sample callback that judges each sample with the ratio test d1/d2 < ``threshold``."""
+
+    def __init__(self, num_samples: int, threshold: float, sampling: SamplingSettings, every_n_steps: int,
+                 at_train_end: bool, name: str | None):
+        super().__init__(num_samples, sampling, every_n_steps, at_train_end, name)
+        self.threshold = check_threshold(threshold)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "threshold": self.threshold}
+
+
+class TrajectoryMemorization(_RatioTestCallback):
+    """Trajectory-level memorization (paper Section 3): the fraction of EMA samples (EDM ODE from pure noise) whose
     d1/d2 against the training set is below ``threshold``, with its binomial standard error. Logs
     ``traj_mem/rate``, ``traj_mem/stderr`` and ``traj_mem/num_samples``; the step's PNG is the d1/d2 histogram.
 
     Args:
         num_samples: samples per evaluation (split over DDP ranks).
         threshold: ratio-test threshold in (0, 1) (paper: 1/3).
-        steps: sampler steps (EDM: 18).
-        solver: heun (2nd order) or euler.
-        seed: sample i starts from noise seeded with seed + i.
-        batch_size: sampler batch size.
+        sampling: the sampler (:class:`calmwild.settings.SamplingSettings`: steps, solver, seed, batch size, ...).
         every_n_steps: evaluate every this many optimizer steps.
         at_train_end: evaluate again when training ends.
         name: output directory name under <run dir>/eval/ (default trajectory_memorization).
     """
 
-    def __init__(
-        self,
-        num_samples: int = 1024,
-        threshold: float = 1 / 3,
-        steps: int = 18,
-        solver: Literal["heun", "euler"] = "heun",
-        seed: int = 0,
-        batch_size: int = 256,
-        every_n_steps: int = 1000,
-        at_train_end: bool = True,
-        name: str | None = None,
-    ):
-        super().__init__(num_samples, steps, solver, seed, batch_size, every_n_steps, at_train_end, name)
-        self.threshold = check_threshold(threshold)
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "threshold": self.threshold}
+    def __init__(self, num_samples: int = 1024, threshold: float = RATIO_THRESHOLD,
+                 sampling: SamplingSettings = SamplingSettings(), every_n_steps: int = 1000, at_train_end: bool = True,
+                 name: str | None = None):
+        super().__init__(num_samples, threshold, sampling, every_n_steps, at_train_end, name)
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, ctx: Context) -> Evaluation | None:
-        samples = self.my_samples(trainer, pl_module, ctx)
-        train = trainer.datamodule.train_images.to(ctx.device)
-        tests = self.gathered_tests(pl_module, ctx, ratio_test(samples, train, self.threshold, device=ctx.device))
+        part, _ = evaluate_trajectory_memorization(
+            self.my_samples(trainer, pl_module, ctx), self.cached_train(trainer, ctx), self.num_samples,
+            self.threshold, f"EMA samples at step {ctx.step}", ctx.device, self.gatherer(pl_module, ctx))
         if ctx.rank != 0:
             return None
-        rate, stderr = mean_and_stderr(tests.memorized)
-        result = TrajectoryResult(float(rate), float(stderr), self.num_samples, tests)
-        section, metrics = trajectory_report(result, self.threshold)
-        figure = plot_ratio_histogram(tests, self.threshold, f"EMA samples at step {ctx.step}: ratio test")
-        return Evaluation(metrics, {"trajectory_memorization": section}, figure=figure)
+        return Evaluation(part.metrics, {"trajectory_memorization": part.section}, figure=part.figure)
 
 
 class FID(_SampleCallback):
@@ -141,47 +112,29 @@ class FID(_SampleCallback):
 
     Args:
         num_samples: samples per evaluation (split over DDP ranks; at least 2).
-        reference: train or heldout: the datamodule set the samples are compared with (all of its images).
-        feature_extractor: inception (FID proper; needs the InceptionV3 weights, see ``weights_path``) or random
-            (a fixed random conv net: a cheap consistency check, not comparable with FID).
-        weights_path: InceptionV3 weights file (default: $TORCH_HOME/hub/checkpoints/, downloaded if reachable).
-        cache_dir: directory of cached reference statistics (default <run dir>/fid_cache).
-        steps: sampler steps (EDM: 18).
-        solver: heun or euler.
-        seed: sample i starts from noise seeded with seed + i.
-        batch_size: sampler and feature-extractor batch size.
+        fid: feature extractor, its weights, the reference set (train or heldout) and the cache directory (default
+            <run dir>/fid_cache) (:class:`calmwild.settings.FIDSettings`).
+        sampling: the sampler (:class:`calmwild.settings.SamplingSettings`).
         every_n_steps: evaluate every this many optimizer steps.
         at_train_end: evaluate again when training ends.
         name: output directory name under <run dir>/eval/ (default fid).
     """
 
-    def __init__(
-        self,
-        num_samples: int = 1024,
-        reference: Literal["train", "heldout"] = "train",
-        feature_extractor: Literal["inception", "random"] = "inception",
-        weights_path: str | None = None,
-        cache_dir: str | None = None,
-        steps: int = 18,
-        solver: Literal["heun", "euler"] = "heun",
-        seed: int = 0,
-        batch_size: int = 256,
-        every_n_steps: int = 1000,
-        at_train_end: bool = True,
-        name: str | None = None,
-    ):
-        super().__init__(num_samples, steps, solver, seed, batch_size, every_n_steps, at_train_end, name,
-                         min_samples=2)
-        self.reference = check_choice(reference, "reference", FID_REFERENCES)
-        self.feature_extractor = check_choice(feature_extractor, "feature_extractor", FID_FEATURES)
-        self.weights_path = weights_path
-        self.cache_dir = cache_dir
+    def __init__(self, num_samples: int = 1024, fid: FIDSettings = FIDSettings(),
+                 sampling: SamplingSettings = SamplingSettings(), every_n_steps: int = 1000, at_train_end: bool = True,
+                 name: str | None = None):
+        super().__init__(num_samples, sampling, every_n_steps, at_train_end, name, min_samples=2)
+        if not isinstance(fid, FIDSettings):
+            raise TypeError(f"fid must be FIDSettings, got {type(fid).__name__}")
+        if fid.reference not in ("train", "heldout"):
+            raise ValueError(f"FID reference {fid.reference!r}: expected train or heldout")
+        self.fid = fid
         self.reference_key: str | None = None
         self._extractor: torch.nn.Module | None = None
         self._reference_stats: ReferenceStats | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "reference": self.reference, "feature_extractor": self.feature_extractor}
+        return {**super().settings(), "reference": self.fid.reference, "feature_extractor": self.fid.feature_extractor}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "reference_key": self.reference_key}
@@ -193,16 +146,17 @@ class FID(_SampleCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self._extractor is None:  # built on every rank now, so missing weights fail at once
-            self._extractor = build_feature_extractor(self.feature_extractor, in_channels=pl_module.image_shape[0],
-                                                      weights_path=self.weights_path)
+            self._extractor = build_feature_extractor(self.fid.feature_extractor,
+                                                      in_channels=pl_module.image_shape[0],
+                                                      weights_path=self.fid.weights_path)
 
     def _reference(self, trainer: Trainer, ctx: Context) -> ReferenceStats:
         if self._reference_stats is None:
             datamodule = trainer.datamodule
-            images = datamodule.train_images if self.reference == "train" else datamodule.heldout_images
-            cache = Path(self.cache_dir) if self.cache_dir else Path(trainer.default_root_dir) / "fid_cache"
-            stats = reference_statistics(images, self._extractor, cache, name=self.reference,
-                                         batch_size=self.batch_size, device=ctx.device)
+            images = datamodule.train_images if self.fid.reference == "train" else datamodule.heldout_images
+            cache = Path(self.fid.cache_dir) if self.fid.cache_dir else Path(trainer.default_root_dir) / "fid_cache"
+            stats = reference_statistics(images, self._extractor, cache, name=self.fid.reference,
+                                         batch_size=self.sampling.batch_size, device=ctx.device)
             if self.reference_key is not None and stats.key != self.reference_key:
                 warnings.warn(f"FID reference statistics changed since the checkpoint (key {self.reference_key[:16]} "
                               f"-> {stats.key[:16]}): FID values before and after are not comparable", stacklevel=2)
@@ -212,15 +166,15 @@ class FID(_SampleCallback):
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, ctx: Context) -> Evaluation | None:
         extractor = self._extractor.to(ctx.device)
         samples = self.my_samples(trainer, pl_module, ctx)
-        features = extract_features(samples, extractor, batch_size=self.batch_size, device=ctx.device)
-        features = self.gather(pl_module, ctx, features, self.num_samples)
+        features = extract_features(samples, extractor, batch_size=self.sampling.batch_size, device=ctx.device)
+        features = self.gatherer(pl_module, ctx)(features, self.num_samples)
         if ctx.rank != 0:
             return None
         reference = self._reference(trainer, ctx)
         mu, cov = feature_statistics(features)
         fid = {"fid": frechet_distance(mu, cov, reference.mu, reference.cov), "num_samples": self.num_samples,
                "num_reference": reference.num_samples, "feature_extractor": extractor_identity(extractor)}
-        section, metrics = fid_report(fid, self.reference, reference.key)
+        section, metrics = fid_report(fid, self.fid.reference, reference.key)
         steps = [h["step"] for h in self.history] + [ctx.step]
         values = [h["fid/value"] for h in self.history] + [fid["fid"]]
         return Evaluation(metrics, {"fid": section}, figure=_plot_history(steps, values, self.num_samples,
@@ -239,52 +193,35 @@ def _plot_history(steps: list[int], values: list[float], num_samples: int, featu
     return fig
 
 
-class SampleGrid(_SampleCallback):
+class SampleGrid(_RatioTestCallback):
     """A grid of EMA samples beside their nearest training images, memorized pairs (d1/d2 < threshold) framed in
-    yellow (:func:`calmwild.images.pair_grid`). Written as the step's PNG and logged as an image (W&B
-    ``log_image``, TensorBoard ``add_image``) under ``samples/nearest_pairs``; the JSON lists each sample's ratio,
-    nearest training index and flag.
+    yellow (:func:`calmwild.io.pair_grid`). Written as the step's PNG and logged as an image (W&B ``log_image``,
+    TensorBoard ``add_image``) under ``samples/nearest_pairs``; the JSON lists each sample's ratio, nearest training
+    index and flag.
 
     Args:
         num_samples: samples in the grid.
         threshold: ratio-test threshold in (0, 1).
-        steps: sampler steps.
-        solver: heun or euler.
-        seed: sample i starts from noise seeded with seed + i (use the seed of TrajectoryMemorization / FID to
-            share their samples).
-        batch_size: sampler batch size.
+        sampling: the sampler (use the settings of TrajectoryMemorization / FID to share their samples).
         every_n_steps: evaluate every this many optimizer steps.
         at_train_end: evaluate again when training ends.
         name: output directory name under <run dir>/eval/ (default sample_grid).
     """
 
-    def __init__(
-        self,
-        num_samples: int = 64,
-        threshold: float = 1 / 3,
-        steps: int = 18,
-        solver: Literal["heun", "euler"] = "heun",
-        seed: int = 0,
-        batch_size: int = 256,
-        every_n_steps: int = 1000,
-        at_train_end: bool = True,
-        name: str | None = None,
-    ):
-        super().__init__(num_samples, steps, solver, seed, batch_size, every_n_steps, at_train_end, name)
-        self.threshold = check_threshold(threshold)
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "threshold": self.threshold}
+    def __init__(self, num_samples: int = 64, threshold: float = RATIO_THRESHOLD,
+                 sampling: SamplingSettings = SamplingSettings(), every_n_steps: int = 1000, at_train_end: bool = True,
+                 name: str | None = None):
+        super().__init__(num_samples, threshold, sampling, every_n_steps, at_train_end, name)
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, ctx: Context) -> Evaluation | None:
-        samples = self.gather(pl_module, ctx, self.my_samples(trainer, pl_module, ctx), self.num_samples)
+        samples = self.gatherer(pl_module, ctx)(self.my_samples(trainer, pl_module, ctx), self.num_samples)
         if ctx.rank != 0:
             return None
-        train = trainer.datamodule.train_images
-        tests = ratio_test(samples, train.to(ctx.device), self.threshold, device=ctx.device)
-        tests = RatioTestResult(*(field.cpu() for field in tests))
+        train = self.cached_train(trainer, ctx)
+        tests = RatioTestResult(*(field.cpu() for field in ratio_test(samples, train, self.threshold,
+                                                                        device=ctx.device)))
         record = {"samples": {"num_samples": self.num_samples, "num_memorized": int(tests.memorized.sum()),
                               "ratio": tests.ratio, "nearest_index": tests.nearest_index,
                               "memorized": tests.memorized}}
-        grid = nearest_pairs_grid(samples, train, tests, max_pairs=self.num_samples)
+        grid = nearest_pairs_grid(samples, trainer.datamodule.train_images, tests, max_pairs=self.num_samples)
         return Evaluation({}, record, image=grid, image_key="samples/nearest_pairs")

@@ -1,8 +1,10 @@
-"""Splitting evaluation work across DDP ranks, gathering it back, and sharing generated samples between callbacks.
+"""Gathering evaluation work back from the DDP ranks, and what evaluations keep between calls: generated samples
+shared between callbacks, tensors copied to the device once.
 
-Work is split by item index into contiguous slices, one per rank (:func:`shard_bounds`), never with a
-DistributedSampler, whose padding duplicates items and biases rates. Every rank then calls :func:`gather_rows` the
-same number of times with tensors of the same trailing shape, so every rank reaches the same collectives.
+Work is split by item index into contiguous slices, one per rank (:func:`calmwild.evaluation.shard_bounds`), never
+with a DistributedSampler, whose padding duplicates items and biases rates. Every rank then calls
+:func:`gather_rows` the same number of times with tensors of the same trailing shape, so every rank reaches the
+same collectives.
 """
 
 from __future__ import annotations
@@ -12,15 +14,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-
-def shard_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The slice [start, stop) of ``total`` items computed by ``rank``: start = floor(total * rank / world_size).
-    Slices are contiguous, in rank order, cover every item once and differ in length by at most one."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not a rank of a world of size {world_size}")
-    if total < 0:
-        raise ValueError(f"total must be >= 0 items, got {total}")
-    return total * rank // world_size, total * (rank + 1) // world_size
+from calmwild.evaluation import shard_bounds
 
 
 def gather_rows(pl_module, rows: torch.Tensor, total: int, world_size: int) -> torch.Tensor:
@@ -46,7 +40,7 @@ class SampleCache:
     """Generated samples shared by the callbacks that evaluate at the same point of the same training run.
 
     Entries are keyed by trainer (held weakly) and evaluation point (global step and hook: the EMA weights differ
-    between a step's batch end and the end of training), then by the sampler settings (seed, steps, solver). A request
+    between a step's batch end and the end of training), then by the sampler settings that change samples. A request
     for samples [start, stop) is served from any cached slice covering it: sample i depends only on seed + i, so a
     smaller request reuses a larger one. Moving to a new point drops the previous point's samples.
     """
@@ -84,3 +78,21 @@ class SampleCache:
 
 
 SHARED_SAMPLES = SampleCache()
+
+
+class DeviceCache:
+    """Tensors an evaluation needs on its device (the training images), copied there once per trainer (held weakly)
+    and device instead of at every evaluation: ``get(trainer, name, device, make)``."""
+
+    def __init__(self) -> None:
+        self._store: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, trainer: object, name: str, device: torch.device, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        entry = self._store.setdefault(trainer, {})
+        key = (name, str(device))
+        if key not in entry:
+            entry[key] = make().to(device)
+        return entry[key]
+
+
+DEVICE_CACHE = DeviceCache()

@@ -3,7 +3,7 @@
 (One of calmwild's Lightning-facing modules.) Lightning's own ``_atomic_save`` writes a temporary file under
 ``$TMPDIR`` and moves it over the target; when ``$TMPDIR`` is on another filesystem (a local /tmp beside checkpoints
 on NFS or Lustre) the move is a copy, and a kill during it leaves a truncated ``last.ckpt``. :class:`AtomicCheckpointIO`
-writes through :func:`calmwild.outputs.atomic_write` instead (a temporary file beside the target, fsync, rename), so
+writes through :func:`calmwild.io.atomic_write` instead (a temporary file beside the target, fsync, rename), so
 a kill at any instant leaves either the previous checkpoint or the new one, and a full disk leaves the previous one
 with a one-line error. Loads are ``weights_only=True`` always.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from calmwild.outputs import atomic_write, remove_stale_temporaries
+from calmwild.io import atomic_write, remove_stale_temporaries
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from calmwild.interop.safe_pickle import UnsafeFileError, load_torch_file
-from calmwild.outputs import atomic_write, to_jsonable
+from calmwild.io import atomic_write, to_jsonable
 from calmwild.precond import EDMPrecond
 
 FORMAT_VERSION = 1
@@ -129,7 +129,8 @@ def build_network(meta: dict, path: str | Path) -> EDMPrecond:
     try:
         backbone = cls(**meta["unet"])
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: cannot build {cls.__name__} from the checkpoint's config {meta['unet']}: {err}") from err
+        raise ValueError(f"{path}: cannot build {cls.__name__} from the checkpoint's config {meta['unet']}: "
+                         f"{err}") from err
     return EDMPrecond(backbone, float(meta["sigma_data"]))
 
 

@@ -33,9 +33,11 @@ from calmwild.denoisers import (
     check_compatible,
     load_denoiser,
 )
-from calmwild.images import image_grid, pair_grid, save_png
-from calmwild.memorization import check_threshold, trajectory_memorization
-from calmwild.outputs import check_output_dir, prepare_output_dir, write_json
+from calmwild.checks import check_count, check_threshold
+from calmwild.io import atomic_write, check_output_dir, image_grid, prepare_output_dir, save_png, write_json
+from calmwild.memorization.ratio import RATIO_THRESHOLD, trajectory_memorization
+from calmwild.memorization.report import nearest_pairs_grid
+from calmwild.settings import FIDSettings, GeometrySettings, PerSigmaSettings, SamplingSettings
 from calmwild.sampling import generate
 
 CLOSED_FORM_DENOISERS = ("empirical", "gaussian")
@@ -71,7 +73,7 @@ def resolve_denoiser(spec: str, datamodule: InMemoryImageDataModule | None, devi
         if datamodule is None:
             raise ValueError(f"the {spec!r} denoiser is built from a training set: pass --data")
         if precision != "fp32":
-            raise ValueError(f"--precision {precision} applies to network checkpoints; the {spec!r} denoiser "
+            raise ValueError(f"--sampling.precision {precision} applies to network checkpoints; the {spec!r} denoiser "
                              "computes in float32 / float64")
         train = datamodule.train_images.to(device)
         return EmpiricalDenoiser(train) if spec == "empirical" else GaussianDenoiser.fit(train)
@@ -92,30 +94,15 @@ def _image_shape(denoiser: Denoiser, datamodule: InMemoryImageDataModule | None)
     return tuple(int(s) for s in shape)
 
 
-def _sample_and_report(
-    denoiser: Denoiser,
-    shape: tuple[int, int, int],
-    datamodule: InMemoryImageDataModule | None,
-    out: Path,
-    settings: dict,
-    num: int,
-    batch_size: int,
-    seed: int,
-    steps: int,
-    solver: str,
-    s_churn: float,
-    device: str,
-    threshold: float,
-) -> dict:
+def _sample_and_report(denoiser: Denoiser, shape: tuple[int, int, int], datamodule: InMemoryImageDataModule | None,
+                       out: Path, settings: dict, num: int, sampling: SamplingSettings, device: str,
+                       threshold: float) -> dict:
     """Generates, writes samples (tensor + grid) and, with data, the trajectory memorization (ratio test)."""
     start = time.perf_counter()
-    samples = generate(
-        denoiser, num, shape, seed=seed, batch_size=batch_size, device=device, num_steps=steps, solver=solver,
-        s_churn=s_churn,
-    )
+    samples = generate(denoiser, num, shape, device=device, **sampling.generate_kwargs())
     report: dict[str, Any] = {**settings, "num_samples": num, "image_shape": list(shape),
                               "sampling_seconds": time.perf_counter() - start}
-    torch.save(samples, out / "samples.pt")
+    atomic_write(out / "samples.pt", lambda handle: torch.save(samples, handle))
     save_png(image_grid(samples[:256]), out / "samples.png")
     report["files"] = {"samples": "samples.pt", "grid": "samples.png"}
     if datamodule is not None:
@@ -129,9 +116,7 @@ def _sample_and_report(
             "num_memorized": int(result.memorized.sum()),
             "train_size": int(train.shape[0]),
         }
-        shown = slice(0, min(num, 64))
-        save_png(pair_grid(samples[shown], train[result.nearest_index[shown]], result.memorized[shown]),
-                 out / "nearest_pairs.png")
+        save_png(nearest_pairs_grid(samples, train, result), out / "nearest_pairs.png")
         report["files"]["nearest_pairs"] = "nearest_pairs.png"
         write_json({"ratio": result.ratio, "nearest_index": result.nearest_index, "memorized": result.memorized},
                    out / "per_sample.json")
@@ -145,14 +130,9 @@ def sample(
     ckpt: str = "empirical",
     data: str | None = None,
     num: int = 64,
-    batch_size: int = 256,
-    seed: int = 0,
-    steps: int = 18,
-    solver: Literal["heun", "euler"] = "heun",
-    s_churn: float = 0.0,
+    sampling: SamplingSettings = SamplingSettings(),
+    threshold: float = RATIO_THRESHOLD,
     device: str = "cpu",
-    precision: Literal["fp32", "bf16"] = "fp32",
-    threshold: float = 1 / 3,
     overwrite: bool = False,
 ) -> dict:
     """Generate samples with EDM's sampler from a checkpoint or a closed-form denoiser.
@@ -163,30 +143,24 @@ def sample(
 
     Args:
         out: output directory (must be new or empty unless --overwrite).
-        ckpt: checkpoint path, or ``empirical`` / ``gaussian``.
+        ckpt: checkpoint path (.ckpt or .safetensors), or ``empirical`` / ``gaussian``.
         data: data spec (fit config, class_path YAML, or class path); needed for closed-form denoisers.
         num: number of samples.
-        batch_size: samples per sampler batch.
-        seed: sample i starts from noise seeded with seed + i.
-        steps: sampler steps (EDM default 18).
-        solver: heun (2nd order, 2 evaluations per step) or euler.
-        s_churn: EDM stochasticity (0 = deterministic ODE).
-        device: torch device, e.g. cpu or cuda.
-        precision: network arithmetic: fp32, or bf16 autocast (faster on GPUs; see the README's performance
-            section for its effect on per-sigma MSE). Closed-form denoisers accept fp32 only.
+        sampling: the sampler: steps, solver, s_churn, seed (sample i starts from noise seed + i), batch size,
+            network precision (fp32, or bf16 autocast; closed-form denoisers compute in fp32/fp64).
         threshold: ratio-test threshold in (0, 1).
+        device: torch device, e.g. cpu or cuda.
         overwrite: allow writing into a non-empty directory.
     """
+    check_count(num, "num")
     check_threshold(threshold)
     check_output_dir(out, overwrite)
     datamodule = load_datamodule(data) if data else None
-    denoiser = resolve_denoiser(ckpt, datamodule, device, precision)
+    denoiser = resolve_denoiser(ckpt, datamodule, device, sampling.precision)
     shape = _image_shape(denoiser, datamodule)
     out = prepare_output_dir(out, overwrite)
-    settings = {"command": "sample", "denoiser": ckpt, "data": data, "seed": seed, "steps": steps,
-                "solver": solver, "s_churn": s_churn, "device": device, "precision": precision}
-    report = _sample_and_report(denoiser, shape, datamodule, out, settings, num, batch_size, seed, steps, solver, s_churn,
-                                device, threshold)
+    settings = {"command": "sample", "denoiser": ckpt, "data": data, "device": device, **sampling.to_dict()}
+    report = _sample_and_report(denoiser, shape, datamodule, out, settings, num, sampling, device, threshold)
     write_json(report, out / "sample.json")
     return report
 
@@ -200,14 +174,9 @@ def swap(
     sigma_bands: list[tuple[float, float]] | None = None,
     data: str | None = None,
     num: int = 64,
-    batch_size: int = 256,
-    seed: int = 0,
-    steps: int = 18,
-    solver: Literal["heun", "euler"] = "heun",
-    s_churn: float = 0.0,
+    sampling: SamplingSettings = SamplingSettings(),
+    threshold: float = RATIO_THRESHOLD,
     device: str = "cpu",
-    precision: Literal["fp32", "bf16"] = "fp32",
-    threshold: float = 1 / 3,
     overwrite: bool = False,
 ) -> dict:
     """Sample with a hybrid denoiser: ``other`` inside the band(s), ``base`` elsewhere (paper Table 1).
@@ -224,25 +193,20 @@ def swap(
         sigma_bands: explicit sigma bands [[low, high], ...].
         data: data spec (see calmwild.commands); enables the memorization rate.
         num: number of samples.
-        batch_size: samples per sampler batch.
-        seed: sample i starts from noise seeded with seed + i.
-        steps: sampler steps.
-        solver: heun or euler.
-        s_churn: EDM stochasticity.
-        device: torch device.
-        precision: network arithmetic: fp32, or bf16 autocast (faster on GPUs; see the README's performance
-            section for its effect on per-sigma MSE). A closed-form side always runs in float32 / float64.
+        sampling: the sampler (see ``sample``); its precision applies to the checkpoint side(s), a closed-form side
+            always computes in float32 / float64.
         threshold: ratio-test threshold in (0, 1).
+        device: torch device.
         overwrite: allow writing into a non-empty directory.
     """
     if sigma_bands is None and band is None:
         raise ValueError(f"give --band (one of {sorted(SWAP_PRESETS)}) or --sigma_bands")
+    check_count(num, "num")
     check_threshold(threshold)
     check_output_dir(out, overwrite)
     datamodule = load_datamodule(data) if data else None
-    # --precision applies to the checkpoint side(s); a closed-form side computes in float32 / float64 as always
     base_d, other_d = (
-        resolve_denoiser(spec, datamodule, device, "fp32" if spec in CLOSED_FORM_DENOISERS else precision)
+        resolve_denoiser(spec, datamodule, device, "fp32" if spec in CLOSED_FORM_DENOISERS else sampling.precision)
         for spec in (base, other)
     )
     check_compatible(base_d, other_d)
@@ -250,10 +214,8 @@ def swap(
     shape = _image_shape(hybrid, datamodule)
     out = prepare_output_dir(out, overwrite)
     settings = {"command": "swap", "base": base, "other": other, "band": None if sigma_bands else band,
-                "sigma_bands": hybrid.bands, "data": data, "seed": seed, "steps": steps, "solver": solver,
-                "s_churn": s_churn, "device": device, "precision": precision}
-    report = _sample_and_report(hybrid, shape, datamodule, out, settings, num, batch_size, seed, steps, solver, s_churn,
-                                device, threshold)
+                "sigma_bands": hybrid.bands, "data": data, "device": device, **sampling.to_dict()}
+    report = _sample_and_report(hybrid, shape, datamodule, out, settings, num, sampling, device, threshold)
     write_json(report, out / "swap.json")
     return report
 
@@ -262,77 +224,52 @@ def analyze(
     *,
     data: str,
     out: Path,
+    geometry: GeometrySettings = GeometrySettings(),
     sigmas: list[float] | None = None,
-    num_points: int = 100,
-    num_noises: int = 100,
-    num_queries: int = 500,
-    num_coverage_noises: int = 20,
-    num_pairs: int = 10_000,
-    num_threshold_points: int = 20,
-    t: float = 5.0,
-    eps: float = 0.05,
-    delta: float = 0.05,
-    weight_level: float = 0.5,
-    coverage_level: float = 0.5,
     risk: bool = True,
     risk_k: int = 5,
     risk_noises: int = 16,
-    seed: int = 0,
     device: str = "cpu",
     overwrite: bool = False,
 ) -> dict:
-    """Geometry of a training set before any training (paper Section 4): posterior-weight and shell-coverage curves,
-    Theorem 4.8 bounds, Theorem 4.2 thresholds and the danger zone, in sigma and DDPM timesteps.
+    """Geometry of a training set before any training (paper Section 4): the danger zone, and which images are at risk.
 
-    Writes geometry.json and geometry.png (the paper's Figure 3 layout) into ``out``, and with ``risk`` the
-    per-training-image memorization risk scores (seed 002, local coverage) as risk.json and risk.png (the most and
-    least at-risk training images).
+    Computes the posterior-weight and shell-coverage curves, Theorem 4.8's bounds, Theorem 4.2's thresholds and the
+    danger zone (in sigma and DDPM timesteps), and writes geometry.json and geometry.png (the paper's Figure 3
+    layout) into ``out``; with ``risk`` also the per-training-image memorization risk scores (seed 002, local
+    coverage) as risk.json and risk.png (the most and least at-risk training images).
 
     Args:
         data: data spec (fit config, class_path YAML, or class path).
         out: output directory (must be new or empty unless --overwrite).
-        sigmas: sigma grid (default: EDM's 40-level schedule).
-        num_points: training base points of the weight curves.
-        num_noises: noises per base point.
-        num_queries: held-out points of the coverage curve.
-        num_coverage_noises: noises per held-out point.
-        num_pairs: data pairs for the Theorem 4.8 upper bound.
-        num_threshold_points: training points for the Theorem 4.2 thresholds.
-        t: Lemma 4.5 shell parameter (5 gives probability >= 0.9865).
-        eps: posterior-weight level of Theorem 4.2.
-        delta: failure probability of Theorem 4.2.
-        weight_level: max-weight level of the danger zone.
-        coverage_level: coverage level of the danger zone.
+        geometry: Monte Carlo sizes, shell parameter and danger-zone levels (see calmwild.settings.GeometrySettings).
+        sigmas: sigma grid (default: EDM's rho schedule with geometry.num_levels levels).
         risk: also score every training image's memorization risk (exact leave-one-out kNN over the training
             set: N^2 distances).
         risk_k: neighbours of the k-NN distance score.
         risk_noises: Monte Carlo noises per image of the expected self-weight score.
-        seed: Monte Carlo seed.
         device: torch device.
         overwrite: allow writing into a non-empty directory.
     """
-    from calmwild.analysis import analyze_geometry, write_geometry_report, write_risk_report
+    from calmwild.geometry.report import analyze_geometry, write_geometry_report, write_risk_report
 
-    for name, value in (("risk_k", risk_k), ("risk_noises", risk_noises)):
-        if risk and value < 1:
-            raise ValueError(f"--{name} must be >= 1, got {value}")
+    if risk:
+        check_count(risk_k, "risk_k")
+        check_count(risk_noises, "risk_noises")
     check_output_dir(out, overwrite)
     datamodule = load_datamodule(data)
     out = prepare_output_dir(out, overwrite)
-    report = analyze_geometry(
-        datamodule.train_images, datamodule.heldout_images, sigmas=sigmas, num_points=num_points,
-        num_noises=num_noises, num_queries=num_queries, num_coverage_noises=num_coverage_noises,
-        num_pairs=num_pairs, num_threshold_points=num_threshold_points, t=t, eps=eps, delta=delta,
-        weight_level=weight_level, coverage_level=coverage_level, seed=seed, device=device,
-    )
+    report = analyze_geometry(datamodule.train_images, datamodule.heldout_images, geometry, sigmas=sigmas,
+                              device=device)
     report["data"] = datamodule.describe()
     if risk:
         report["risk"] = write_risk_report(datamodule.train_images, report["danger_zone"], out, k=risk_k,
-                                           num_noises=risk_noises, seed=seed, device=device)
+                                           num_noises=risk_noises, seed=geometry.seed, device=device)
     write_geometry_report(report, out, overwrite=True)
     zone = report["danger_zone"]
     band = "empty" if zone["empty"] else (
-        f"sigma {zone['sigma'][0]:.3g}..{zone['sigma'][1]:.3g} (DDPM t {zone['timesteps'][0]:.0f}..{zone['timesteps'][1]:.0f})"
+        f"sigma {zone['sigma'][0]:.3g}..{zone['sigma'][1]:.3g} "
+        f"(DDPM t {zone['timesteps'][0]:.0f}..{zone['timesteps'][1]:.0f})"
     )
     files = "geometry.json, geometry.png" + (", risk.json, risk.png" if risk else "")
     print(f"calmwild analyze: danger zone {band}; report in {out} ({files})", flush=True)
@@ -344,49 +281,32 @@ def evaluate(
     ckpt: str,
     data: str,
     out: Path,
-    sigmas: list[float] | None = None,
-    num_images: int = 256,
-    num_noises: int = 1,
+    per_sigma: PerSigmaSettings = PerSigmaSettings(),
     num_samples: int = 256,
-    threshold: float = 1 / 3,
-    fid_feature: Literal["random", "inception"] = "inception",
-    fid_weights_path: str | None = None,
-    fid_reference: Literal["train", "heldout"] = "train",
-    fid_cache_dir: str | None = None,
-    seed: int = 0,
-    batch_size: int = 256,
-    steps: int = 18,
-    solver: Literal["heun", "euler"] = "heun",
+    sampling: SamplingSettings = SamplingSettings(),
+    threshold: float = RATIO_THRESHOLD,
+    fid: FIDSettings = FIDSettings(),
     device: str = "cpu",
-    precision: Literal["fp32", "bf16"] = "fp32",
     overwrite: bool = False,
 ) -> dict:
-    """Every metric once for one denoiser: per-sigma MSE (train and held-out, eq. 5), per-sigma memorization,
-    trajectory memorization of generated samples and FID (with its sample count and feature extractor).
+    """Every metric once for one denoiser: per-sigma MSE and memorization, trajectory memorization and FID.
 
+    Per-sigma MSE on training and held-out images (eq. 5), per-sigma memorization of one-step denoised held-out
+    images, the trajectory memorization of generated samples, and FID with its sample count and feature extractor.
     Writes evaluation.json and plots into ``out``.
 
     Args:
-        ckpt: checkpoint path, or ``empirical`` / ``gaussian``.
+        ckpt: checkpoint path (.ckpt or .safetensors), or ``empirical`` / ``gaussian``.
         data: data spec (fit config, class_path YAML, or class path).
         out: output directory (must be new or empty unless --overwrite).
-        sigmas: noise levels of the per-sigma curves (default: EDM's 18-step schedule).
-        num_images: training / held-out images per sigma.
-        num_noises: noises per image.
+        per_sigma: the items of the per-sigma curves: noise levels (default EDM's 18-step schedule), images per
+            set, noises per image, seed, batch size.
         num_samples: generated samples for trajectory memorization and FID.
+        sampling: the sampler (see ``sample``); its precision is the network's arithmetic for every part.
         threshold: ratio-test threshold in (0, 1).
-        fid_feature: ``inception`` (InceptionV3, needs its weights file) or ``random`` (random conv features, not
-            comparable with published FID).
-        fid_weights_path: local InceptionV3 weights file.
-        fid_reference: reference set of the FID.
-        fid_cache_dir: where reference statistics are cached.
-        seed: seed of noises and samples.
-        batch_size: batch size of all evaluations.
-        steps: sampler steps.
-        solver: heun or euler.
+        fid: FID feature extractor (inception, or random: not comparable with published FID), its weights file, the
+            reference set and the statistics cache (default <out>/fid_cache).
         device: torch device.
-        precision: network arithmetic: fp32, or bf16 autocast (faster on GPUs; see the README's performance
-            section for its effect on per-sigma MSE). Closed-form denoisers accept fp32 only.
         overwrite: allow writing into a non-empty directory.
     """
     from calmwild.evaluation import evaluate_denoiser
@@ -394,16 +314,11 @@ def evaluate(
     check_threshold(threshold)
     check_output_dir(out, overwrite)
     datamodule = load_datamodule(data)
-    denoiser = resolve_denoiser(ckpt, datamodule, device, precision)
+    denoiser = resolve_denoiser(ckpt, datamodule, device, sampling.precision)
     _image_shape(denoiser, datamodule)
     out = prepare_output_dir(out, overwrite)
-    report = evaluate_denoiser(
-        denoiser, datamodule.train_images, datamodule.heldout_images, out, sigmas=sigmas, num_images=num_images,
-        num_noises=num_noises, num_samples=num_samples, threshold=threshold, fid_feature=fid_feature,
-        fid_weights_path=fid_weights_path, fid_reference=fid_reference, fid_cache_dir=fid_cache_dir, seed=seed,
-        batch_size=batch_size, device=device, steps=steps, solver=solver,
-    )
-    return report
+    return evaluate_denoiser(denoiser, datamodule.train_images, datamodule.heldout_images, out, per_sigma, sampling,
+                             num_samples, threshold, fid, device)
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:

@@ -1,296 +1,188 @@
-"""Evaluate one denoiser on everything calmwild measures, on one process: per-sigma MSE on the training and the
-held-out set (paper eq. 5), per-sigma memorization of denoised held-out images, trajectory memorization of
-generated samples (PAPER_NOTES 2) and FID (with its sample count and feature space named, PAPER_NOTES 6).
+"""Evaluate a denoiser: the one entry the ``calmwild evaluate`` command and the training callbacks share.
 
-The pieces shared with the training callbacks (``callbacks/``) live here once: the sigma naming of logged keys
-(:func:`sigma_key`), the JSON sections and flat metric dicts built from the result types of
-:mod:`calmwild.memorization` (``*_report``), the per-sigma plots (:func:`plot_sigma_curves` and its two users) and
-the nearest-neighbour pair grid (:func:`nearest_pairs_grid`).
+Each ``evaluate_*`` function computes one metric for one process's share of the work and reduces the gathered
+result, returning a :class:`Part` (JSON section, flat metrics with the logged names, figure or image grid):
 
-``evaluation.json`` (written by :func:`evaluate_denoiser`) has the keys of :data:`EVALUATION_KEYS`:
+- :func:`evaluate_per_sigma_mse`: per-noise-level denoising error on training and held-out images (paper eq. 5);
+- :func:`evaluate_per_sigma_memorization`: one-step denoised held-out images under the ratio test (Section 3,
+  Fig. 2);
+- :func:`evaluate_trajectory_memorization`: generated samples under the ratio test (Section 3, Table 1);
+- :func:`evaluate_fid`: the Frechet distance of generated samples to a reference set, with its sample counts.
 
-- ``settings``: every argument that changes a number (sigmas, counts, seeds, sampler, FID setup).
+Work is split by item index into contiguous slices, one per rank (:func:`shard_bounds`); a ``gather`` function
+(identity on one process, an all-gather under DDP) concatenates the ranks' rows in rank order. On one process
+:func:`evaluate_denoiser` runs all of them and writes ``evaluation.json`` (keys :data:`EVALUATION_KEYS`):
+
+- ``settings``: every setting that changes a number (per-sigma items, sampler, threshold, FID setup).
 - ``data``: ``num_train``, ``num_heldout``, ``image_shape``.
 - ``per_sigma_mse``: ``sigmas``, ``train`` and ``heldout`` (each ``mse_per_pixel``, ``mse_per_pixel_stderr``,
   ``num_items``), ``gap`` = heldout - train per sigma.
 - ``per_sigma_memorization``: ``sigmas``, ``rate``, ``stderr``, ``num_items``, ``threshold``, ``peak_rate``,
-  ``peak_sigma`` (null when nothing is memorized).
+  ``peak_sigma`` (null when nothing is memorized: there is no peak).
 - ``trajectory_memorization``: ``rate``, ``stderr``, ``num_samples``, ``num_memorized``, ``threshold``.
-- ``fid``: ``fid``, ``num_samples``, ``num_reference``, ``feature_extractor``, ``reference`` (train / heldout),
-  ``reference_key``; null when FID is switched off.
-- ``metrics``: the flat scalar dict with the same keys the callbacks log (``mse/train/sigma_0.59``, ``mem/...``,
-  ``traj_mem/...``, ``fid/...``).
-- ``files``: the plots written beside it (:data:`PLOT_FILES`); ``seconds``: wall time per part.
+- ``fid``: ``fid``, ``num_samples``, ``num_reference``, ``feature_extractor``, ``reference``, ``reference_key``; null
+  when FID is switched off.
+- ``metrics``: the flat scalar dict with the keys the callbacks log; ``files``: the plots (:data:`PLOT_FILES`);
+  ``seconds``: wall time per part.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from calmwild.fid import build_feature_extractor, compute_fid, reference_statistics
-from calmwild.images import pair_grid, save_png
-from calmwild.memorization import (
-    PerSigmaMemorization,
-    PerSigmaMSE,
-    RatioTestResult,
-    TrajectoryMemorization,
-    check_threshold,
-    per_sigma_memorization,
-    per_sigma_mse,
-    trajectory_memorization,
+from calmwild.checks import check_count, check_threshold
+from calmwild.fid import build_feature_extractor, compute_fid, fid_report, reference_statistics
+from calmwild.io import save_figure, save_png, write_json
+from calmwild.memorization.per_sigma import (
+    per_sigma_errors,
+    per_sigma_ratio_tests,
+    summarize_errors,
+    summarize_ratio_tests,
 )
-from calmwild.outputs import write_json
+from calmwild.memorization.ratio import RATIO_THRESHOLD, RatioTestResult, mean_and_stderr, ratio_test
+from calmwild.memorization.ratio import TrajectoryMemorization as TrajectoryResult
+from calmwild.memorization.report import (
+    memorization_report,
+    mse_report,
+    nearest_pairs_grid,
+    plot_per_sigma_memorization,
+    plot_per_sigma_mse,
+    plot_ratio_histogram,
+    trajectory_report,
+)
 from calmwild.sampling import generate
-from calmwild.schedule import edm_sigma_steps
+from calmwild.settings import FIDSettings, PerSigmaSettings, SamplingSettings
 
-DEFAULT_NUM_SIGMAS = 18  # EDM's sampling schedule (paper App. E.1)
-FID_FEATURES = ("random", "inception")
-FID_REFERENCES = ("train", "heldout")
 EVALUATION_KEYS = ("settings", "data", "per_sigma_mse", "per_sigma_memorization", "trajectory_memorization", "fid",
                    "metrics", "files", "seconds")
 PLOT_FILES = {"per_sigma_mse": "per_sigma_mse.png", "per_sigma_memorization": "per_sigma_memorization.png",
               "nearest_pairs": "nearest_pairs.png", "trajectory_ratios": "trajectory_ratios.png"}
+Gather = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-# ------------------------------------------------------------------------------------------------ arguments
-def check_count(value: object, name: str, minimum: int = 1) -> int:
-    """An integer argument >= ``minimum`` (TypeError / ValueError naming it otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+def on_one_process(rows: torch.Tensor, total: int) -> torch.Tensor:
+    """The gather of a single process: its rows are all the rows."""
+    return rows.cpu()
 
 
-def check_choice(value: object, name: str, choices: Sequence[object]) -> Any:
-    """``value`` if it is one of ``choices`` (ValueError listing them otherwise)."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
+class Part(NamedTuple):
+    """One metric's results: ``section`` (the JSON body), ``metrics`` (scalars, logged names), and a ``figure`` or
+    an ``image`` grid ([3, H, W] in [0, 1])."""
+
+    section: dict[str, Any]
+    metrics: dict[str, float]
+    figure: Figure | None = None
+    image: torch.Tensor | None = None
 
 
-def sigma_key(sigma: float) -> str:
-    """The name of one noise level in logged keys: ``sigma_`` + 3 significant digits (``sigma_0.594``, ``sigma_80``)."""
-    return f"sigma_{float(sigma):.3g}"
+def shard_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The slice [start, stop) of ``total`` items computed by ``rank``: start = floor(total * rank / world_size).
+    Slices are contiguous, in rank order, cover every item once and differ in length by at most one."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not a rank of a world of size {world_size}")
+    if total < 0:
+        raise ValueError(f"total must be >= 0 items, got {total}")
+    return total * rank // world_size, total * (rank + 1) // world_size
 
 
-def check_sigmas(sigmas: Sequence[float] | None) -> list[float]:
-    """Noise levels as a list of floats; None means EDM's 18-step schedule 80 ... 0.002 (:func:`edm_sigma_steps`).
-    Levels must be finite, positive and distinct at 3 significant digits (their logged names, :func:`sigma_key`)."""
-    if sigmas is None:
-        return edm_sigma_steps(DEFAULT_NUM_SIGMAS).tolist()
-    if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, (Sequence, torch.Tensor, np.ndarray)):
-        raise TypeError(f"sigmas must be a list of noise levels, got {sigmas!r}")
-    values = [float(s) for s in sigmas]
-    if not values or not all(math.isfinite(s) and s > 0 for s in values):
-        raise ValueError(f"sigmas must be a non-empty list of finite positive noise levels, got {values}")
-    keys = [sigma_key(s) for s in values]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"sigmas {values} are not distinct at 3 significant digits (names {keys})")
-    return values
+def _items(images: torch.Tensor, settings: PerSigmaSettings, shard: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """This rank's item ids of the first ``num_images`` images and the total number of items."""
+    total = min(settings.num_images, images.shape[0]) * settings.num_noises
+    return torch.arange(*shard_bounds(total, *shard)), total
 
 
-def first_images(images: torch.Tensor, num: int) -> torch.Tensor:
-    """The first ``min(num, N)`` images: per-sigma metrics use at most ``num`` images of a set."""
-    return images[: min(num, images.shape[0])]
+def evaluate_per_sigma_mse(denoiser, train: torch.Tensor, heldout: torch.Tensor, settings: PerSigmaSettings,
+                           device: str | torch.device | None = None, shard: tuple[int, int] = (0, 1),
+                           gather: Gather = on_one_process) -> Part:
+    """Per-pixel MSE_sigma (eq. 5) on the first ``num_images`` training and held-out images with the same seeded
+    noises on both sets (the gap is paired); logs ``mse/{train,heldout,gap}/sigma_X``."""
+    sigmas = settings.sigma_list()
+    curves = {}
+    for split, images in (("train", train), ("heldout", heldout)):
+        images = images[: settings.num_images]
+        items, total = _items(images, settings, shard)
+        errors = per_sigma_errors(denoiser, images, sigmas, settings.num_noises, settings.seed, settings.batch_size,
+                                  items=items, device=device)  # [S, shard]
+        errors = gather(errors.T.contiguous(), total).T
+        curves[split] = summarize_errors(sigmas, errors, torch.arange(total), settings.num_noises)
+    section, metrics = mse_report(curves["train"], curves["heldout"])
+    return Part(section, metrics, figure=plot_per_sigma_mse(curves["train"], curves["heldout"]))
 
 
-# ------------------------------------------------------------------------------------------------ reports
-def mse_report(train: PerSigmaMSE, heldout: PerSigmaMSE) -> tuple[dict, dict[str, float]]:
-    """The ``per_sigma_mse`` JSON section and the flat metrics ``mse/{train,heldout,gap}/sigma_X`` (per-pixel MSE,
-    eq. 5 divided by d; gap = held-out minus train, positive when the training images are denoised better)."""
-    if train.sigmas.tolist() != heldout.sigmas.tolist():
-        raise ValueError(f"train and held-out curves use different sigmas: {train.sigmas.tolist()} vs "
-                         f"{heldout.sigmas.tolist()}")
-    gap = (heldout.mse - train.mse).tolist()
-    section = {"sigmas": train.sigmas.tolist(), "train": _without_sigmas(train.to_dict()),
-               "heldout": _without_sigmas(heldout.to_dict()), "gap": gap}
-    metrics: dict[str, float] = {}
-    for name, values in (("train", train.mse.tolist()), ("heldout", heldout.mse.tolist()), ("gap", gap)):
-        metrics.update({f"mse/{name}/{sigma_key(s)}": float(v) for s, v in zip(section["sigmas"], values)})
-    return section, metrics
+def evaluate_per_sigma_memorization(denoiser, heldout: torch.Tensor, train: torch.Tensor, settings: PerSigmaSettings,
+                                    threshold: float = RATIO_THRESHOLD, device: str | torch.device | None = None,
+                                    shard: tuple[int, int] = (0, 1), gather: Gather = on_one_process) -> Part:
+    """The fraction of (held-out image, noise) items whose one-step denoising D(x + sigma n; sigma) passes the ratio
+    test against the training set, per sigma; logs ``mem/sigma_X``, ``mem/peak_rate``, ``mem/peak_sigma``."""
+    sigmas = settings.sigma_list()
+    heldout = heldout[: settings.num_images]
+    items, total = _items(heldout, settings, shard)
+    tests = per_sigma_ratio_tests(denoiser, heldout, train, sigmas, settings.num_noises, settings.seed,
+                                  settings.batch_size, threshold, items=items, device=device)
+    tests = RatioTestResult(*(gather(field.T.contiguous(), total).T for field in tests))
+    result = summarize_ratio_tests(sigmas, tests, torch.arange(total), settings.num_noises, threshold)
+    section, metrics = memorization_report(result)
+    return Part(section, metrics, figure=plot_per_sigma_memorization(result))
 
 
-def _without_sigmas(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k != "sigmas"}
+def evaluate_trajectory_memorization(samples: torch.Tensor, train: torch.Tensor, num_samples: int,
+                                     threshold: float = RATIO_THRESHOLD, title: str = "Generated samples",
+                                     device: str | torch.device | None = None,
+                                     gather: Gather = on_one_process) -> tuple[Part, RatioTestResult]:
+    """The fraction of ``num_samples`` generated samples (this rank's ``samples``, gathered) that pass the ratio test
+    against the training set, with its binomial standard error; logs ``traj_mem/{rate,stderr,num_samples}``. Also
+    returns the gathered per-sample tests (nearest training image of each sample)."""
+    tests = ratio_test(samples, train, threshold, device=device)
+    tests = RatioTestResult(*(gather(field.cpu(), num_samples) for field in tests))
+    rate, stderr = mean_and_stderr(tests.memorized)
+    section, metrics = trajectory_report(TrajectoryResult(float(rate), float(stderr), num_samples, tests), threshold)
+    return Part(section, metrics, figure=plot_ratio_histogram(tests, threshold, f"{title}: ratio test")), tests
 
 
-def memorization_report(result: PerSigmaMemorization) -> tuple[dict, dict[str, float]]:
-    """The ``per_sigma_memorization`` JSON section and the flat metrics ``mem/sigma_X``, ``mem/peak_rate`` and
-    ``mem/peak_sigma`` (the noise level of the highest rate, the largest such sigma on ties; NaN -- null in JSON --
-    when no item is memorized at any sigma, since there is no peak then)."""
-    sigmas, rates = result.sigmas.tolist(), result.rate.tolist()
-    peak_rate = max(rates)
-    peak_sigma = max(s for s, r in zip(sigmas, rates) if r == peak_rate) if peak_rate > 0 else math.nan
-    section = {**result.to_dict(), "peak_rate": peak_rate, "peak_sigma": peak_sigma}
-    metrics = {f"mem/{sigma_key(s)}": float(r) for s, r in zip(sigmas, rates)}
-    metrics.update({"mem/peak_rate": float(peak_rate), "mem/peak_sigma": float(peak_sigma)})
-    return section, metrics
+def evaluate_fid(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor, settings: FIDSettings,
+                 cache_dir: str | Path, batch_size: int = 256, device: str | torch.device = "cpu") -> Part:
+    """The Frechet distance of ``samples`` to the ``settings.reference`` set in the ``settings.feature_extractor``
+    space, with both sample counts; logs ``fid/value`` and ``fid/num_samples``. Reference statistics are cached in
+    ``settings.cache_dir`` (default ``cache_dir``)."""
+    extractor = build_feature_extractor(settings.feature_extractor, in_channels=samples.shape[1],
+                                        weights_path=settings.weights_path).to(device)
+    images = {"train": train, "heldout": heldout}.get(settings.reference)
+    if images is None:
+        raise ValueError(f"FID reference {settings.reference!r}: expected train or heldout")
+    cache = Path(settings.cache_dir) if settings.cache_dir is not None else Path(cache_dir)
+    reference = reference_statistics(images, extractor, cache, name=settings.reference, batch_size=batch_size,
+                                     device=device)
+    fid = compute_fid(samples, reference, extractor, batch_size=batch_size, device=device)
+    section, metrics = fid_report(fid, settings.reference, reference.key)
+    return Part(section, metrics)
 
 
-def trajectory_report(result: TrajectoryMemorization, threshold: float) -> tuple[dict, dict[str, float]]:
-    """The ``trajectory_memorization`` JSON section and the metrics ``traj_mem/{rate,stderr,num_samples}``."""
-    section = {**result.to_dict(), "num_memorized": int(result.result.memorized.sum()),
-               "threshold": check_threshold(threshold)}
-    metrics = {"traj_mem/rate": float(result.rate), "traj_mem/stderr": float(result.stderr),
-               "traj_mem/num_samples": float(result.num_samples)}
-    return section, metrics
-
-
-def fid_report(fid: Mapping[str, Any], reference: str, reference_key: str | None) -> tuple[dict, dict[str, float]]:
-    """The ``fid`` JSON section (the dict of :func:`calmwild.fid.compute_fid` plus the reference set's name and
-    content key) and the metrics ``fid/value`` and ``fid/num_samples`` -- the count always beside the figure,
-    since few-sample FID is biased upwards and comparable only at equal counts (PAPER_NOTES 6)."""
-    section = {**fid, "reference": reference, "reference_key": reference_key}
-    return section, {"fid/value": float(fid["fid"]), "fid/num_samples": float(fid["num_samples"])}
-
-
-# ------------------------------------------------------------------------------------------------ plots
-def plot_sigma_curves(
-    sigmas: Sequence[float],
-    curves: Mapping[str, tuple[Sequence[float], Sequence[float] | None]],
-    ylabel: str,
-    title: str,
-    log_y: bool = False,
-    unit_interval: bool = False,
-) -> Figure:
-    """Curves against sigma (log x axis), each with a +-2 standard-error band when its stderr is given.
-
-    ``curves`` maps a legend label to (values, stderr or None), one value per sigma. ``log_y``: log y axis, the
-    band's lower edge then cut at a tenth of the value (a band reaching 0 cannot be drawn there).
-    ``unit_interval``: y axis fixed to [0, 1] with the band clipped to it (rates).
-    """
-    sig = np.asarray(sigmas, dtype=float)
-    order = np.argsort(sig)
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_xscale("log")
-    if log_y:
-        ax.set_yscale("log")
-    for i, (label, (values, stderr)) in enumerate(curves.items()):
-        v = np.asarray(values, dtype=float)
-        if v.shape != sig.shape:
-            raise ValueError(f"curve {label!r} has {v.size} values for {sig.size} sigmas")
-        ax.plot(sig[order], v[order], marker="o", ms=3, lw=1.5, color=f"C{i}", label=label)
-        if stderr is None:
-            continue
-        s = np.nan_to_num(np.asarray(stderr, dtype=float))
-        lo, hi = v - 2 * s, v + 2 * s
-        if log_y:
-            lo = np.maximum(lo, v / 10)
-        if unit_interval:
-            lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
-        ax.fill_between(sig[order], lo[order], hi[order], color=f"C{i}", alpha=0.2, lw=0)
-    if unit_interval:
-        ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("σ (EDM noise level)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def plot_per_sigma_mse(train: PerSigmaMSE, heldout: PerSigmaMSE) -> Figure:
-    """Train vs held-out per-pixel MSE against sigma (paper eq. 5), log-log, +-2 SE bands."""
-    return plot_sigma_curves(
-        train.sigmas.tolist(),
-        {f"train ({train.num_items} items)": (train.mse.tolist(), train.stderr.tolist()),
-         f"held-out ({heldout.num_items} items)": (heldout.mse.tolist(), heldout.stderr.tolist())},
-        ylabel="MSE per pixel  E||D(x0 + σn; σ) - x0||² / d", title="Per-noise-level denoising error (eq. 5)",
-        log_y=True,
-    )
-
-
-def plot_per_sigma_memorization(result: PerSigmaMemorization) -> Figure:
-    """Per-noise-level memorization rate of denoised held-out images against sigma, +-2 SE band."""
-    return plot_sigma_curves(
-        result.sigmas.tolist(), {f"rate ({result.num_items} items)": (result.rate.tolist(), result.stderr.tolist())},
-        ylabel=f"fraction memorized (d1/d2 < {result.threshold:.3g})",
-        title="Per-noise-level memorization of one-step denoised held-out images", unit_interval=True,
-    )
-
-
-def plot_ratio_histogram(tests: RatioTestResult, threshold: float, title: str) -> Figure:
-    """Histogram of the ratio d1/d2 of each generated sample (values above 1 cannot occur), with the threshold
-    marked and the memorized fraction in the legend."""
-    ratios = tests.ratio.detach().cpu().double().numpy()
-    rate = float(tests.memorized.double().mean()) if ratios.size else float("nan")
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    ax.hist(ratios, bins=np.linspace(0.0, 1.0, 41), color="C0", alpha=0.8)
-    ax.axvline(threshold, color="C3", ls="--", label=f"threshold {threshold:.3g}: {rate:.1%} of {ratios.size} memorized")
-    ax.set_xlabel("d1 / d2 (nearest / second-nearest training image)")
-    ax.set_ylabel("samples")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper center")
-    return fig
-
-
-def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Writes a matplotlib Figure (no pyplot state involved) and returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
-
-
-def nearest_pairs_grid(
-    samples: torch.Tensor, train: torch.Tensor, tests: RatioTestResult, max_pairs: int = 64
-) -> torch.Tensor:
-    """[sample | nearest training image] pairs of the first ``max_pairs`` samples, memorized ones framed
-    (:func:`calmwild.images.pair_grid`); ``tests`` is the ratio test of ``samples`` against ``train``."""
-    shown = slice(0, min(max_pairs, samples.shape[0]))
-    nearest = train[tests.nearest_index[shown].cpu()]
-    return pair_grid(samples[shown], nearest, tests.memorized[shown])
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
 def evaluate_denoiser(
     denoiser,
     train: torch.Tensor,
     heldout: torch.Tensor,
     out_dir: str | Path,
-    sigmas: Sequence[float] | None = None,
-    num_images: int = 256,
-    num_noises: int = 1,
+    per_sigma: PerSigmaSettings = PerSigmaSettings(),
+    sampling: SamplingSettings = SamplingSettings(),
     num_samples: int = 256,
-    threshold: float = 1 / 3,
-    fid_feature: Literal["random", "inception"] | None = "random",
-    fid_weights_path: str | None = None,
-    fid_reference: Literal["train", "heldout"] = "train",
-    fid_cache_dir: str | Path | None = None,
-    seed: int = 0,
-    batch_size: int = 256,
+    threshold: float = RATIO_THRESHOLD,
+    fid: FIDSettings | None = FIDSettings(feature_extractor="random"),
     device: str | torch.device = "cpu",
-    steps: int = 18,
-    solver: Literal["heun", "euler"] = "heun",
     progress: bool = True,
 ) -> dict:
-    """Every calmwild metric of ``denoiser`` (a callable D(x [B,C,H,W], sigma [B]) in data space), on one process.
+    """Every calmwild metric of ``denoiser`` (a callable D(x [B,C,H,W], sigma [B]) in data space), on one process:
+    per-sigma MSE and memorization over ``per_sigma``'s items, and ``num_samples`` samples drawn with ``sampling``:
+    their trajectory memorization, a grid of the first 64 beside their nearest training images, and (unless ``fid``
+    is None) their Frechet distance to the reference set.
 
-    - Per-sigma MSE (eq. 5) on the first ``num_images`` training and held-out images, ``num_noises`` seeded noises
-      each (the same noises on both sets, so the gap is paired).
-    - Per-sigma memorization (PAPER_NOTES 2): the ratio test d1/d2 < ``threshold`` against the whole training set
-      of D(x + sigma n; sigma) for the same held-out items.
-    - ``num_samples`` samples from EDM's sampler (``steps``, ``solver``; sample i from seed + i): their trajectory
-      memorization rate, a grid of the first 64 beside their nearest training images, and the Frechet distance to
-      the ``fid_reference`` set in the ``fid_feature`` space ("inception": FID proper, needs the weights file
-      ``fid_weights_path`` or $TORCH_HOME; "random": a fixed random conv net, a consistency check only; None: no
-      FID). Reference statistics are cached in ``fid_cache_dir`` (default ``<out_dir>/fid_cache``).
-
-    Writes ``evaluation.json`` (keys: :data:`EVALUATION_KEYS`, see the module docstring), ``per_sigma_mse.png``,
-    ``per_sigma_memorization.png``, ``nearest_pairs.png`` and ``trajectory_ratios.png`` (histogram of the samples'
-    d1/d2) into ``out_dir`` (created if needed) and returns the JSON content.
-    """
+    Writes ``evaluation.json`` (keys :data:`EVALUATION_KEYS`, see the module docstring) and the plots of
+    :data:`PLOT_FILES` into ``out_dir`` (created if needed) and returns the JSON content."""
     for name, images in (("train", train), ("heldout", heldout)):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
             raise ValueError(f"{name} must be a float tensor [N, C, H, W], got {getattr(images, 'shape', images)}")
@@ -299,76 +191,45 @@ def evaluate_denoiser(
                          "differ in shape")
     if train.shape[0] < 2:
         raise ValueError(f"the ratio test needs at least 2 training images, got {train.shape[0]}")
-    sigma_list = check_sigmas(sigmas)
-    num_images, num_noises = check_count(num_images, "num_images"), check_count(num_noises, "num_noises")
-    num_samples, steps = check_count(num_samples, "num_samples", 2), check_count(steps, "steps")
-    batch_size, seed = check_count(batch_size, "batch_size"), check_count(seed, "seed", 0)
+    num_samples = check_count(num_samples, "num_samples", 2)
     threshold = check_threshold(threshold)
-    check_choice(solver, "solver", ("heun", "euler"))
-    check_choice(fid_feature, "fid_feature", (*FID_FEATURES, None))
-    check_choice(fid_reference, "fid_reference", FID_REFERENCES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image_shape = tuple(int(s) for s in train.shape[1:])
     seconds: dict[str, float] = {}
 
-    start = time.perf_counter()
-    mse_train = per_sigma_mse(denoiser, first_images(train, num_images), sigma_list, num_noises, seed, batch_size,
-                              device)
-    mse_heldout = per_sigma_mse(denoiser, first_images(heldout, num_images), sigma_list, num_noises, seed,
-                                batch_size, device)
-    mse_section, metrics = mse_report(mse_train, mse_heldout)
-    seconds["per_sigma_mse"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    memorization = per_sigma_memorization(denoiser, first_images(heldout, num_images), train, sigma_list, num_noises,
-                                          seed, batch_size, threshold, device)
-    mem_section, mem_metrics = memorization_report(memorization)
-    metrics.update(mem_metrics)
-    seconds["per_sigma_memorization"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    samples = generate(denoiser, num_samples, image_shape, seed=seed, batch_size=batch_size, device=device,
-                       progress=progress, num_steps=steps, solver=solver)
-    seconds["sampling"] = time.perf_counter() - start
-    start = time.perf_counter()
-    trajectory = trajectory_memorization(samples, train, threshold, device=device)
-    traj_section, traj_metrics = trajectory_report(trajectory, threshold)
-    metrics.update(traj_metrics)
-    seconds["trajectory_memorization"] = time.perf_counter() - start
-
-    fid_section = None
-    if fid_feature is not None:
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
-        extractor = build_feature_extractor(fid_feature, in_channels=image_shape[0], weights_path=fid_weights_path)
-        extractor = extractor.to(device)
-        cache_dir = Path(fid_cache_dir) if fid_cache_dir is not None else out / "fid_cache"
-        reference = reference_statistics(train if fid_reference == "train" else heldout, extractor, cache_dir,
-                                         name=fid_reference, batch_size=batch_size, device=device)
-        fid = compute_fid(samples, reference, extractor, batch_size=batch_size, device=device)
-        fid_section, fid_metrics = fid_report(fid, fid_reference, reference.key)
-        metrics.update(fid_metrics)
-        seconds["fid"] = time.perf_counter() - start
+        result = fn()
+        seconds[name] = time.perf_counter() - start
+        return result
 
-    save_figure(plot_per_sigma_mse(mse_train, mse_heldout), out / PLOT_FILES["per_sigma_mse"])
-    save_figure(plot_per_sigma_memorization(memorization), out / PLOT_FILES["per_sigma_memorization"])
-    save_png(nearest_pairs_grid(samples, train, trajectory.result), out / PLOT_FILES["nearest_pairs"])
-    save_figure(plot_ratio_histogram(trajectory.result, threshold, "Generated samples: nearest-neighbour ratio test"),
-                out / PLOT_FILES["trajectory_ratios"])
+    mse = timed("per_sigma_mse", lambda: evaluate_per_sigma_mse(denoiser, train, heldout, per_sigma, device))
+    mem = timed("per_sigma_memorization",
+                lambda: evaluate_per_sigma_memorization(denoiser, heldout, train, per_sigma, threshold, device))
+    samples = timed("sampling", lambda: generate(denoiser, num_samples, image_shape, device=device, progress=progress,
+                                                 **sampling.generate_kwargs()))
+    traj, tests = timed("trajectory_memorization",
+                        lambda: evaluate_trajectory_memorization(samples, train, num_samples, threshold, device=device))
+    quality = None if fid is None else timed(
+        "fid", lambda: evaluate_fid(samples, train, heldout, fid, out / "fid_cache", sampling.batch_size, device))
 
+    save_figure(mse.figure, out / PLOT_FILES["per_sigma_mse"])
+    save_figure(mem.figure, out / PLOT_FILES["per_sigma_memorization"])
+    save_png(nearest_pairs_grid(samples, train, tests), out / PLOT_FILES["nearest_pairs"])
+    save_figure(traj.figure, out / PLOT_FILES["trajectory_ratios"])
     report = {
-        "settings": {"sigmas": sigma_list, "num_images": num_images, "num_noises": num_noises,
-                     "num_samples": num_samples, "threshold": threshold, "seed": seed, "batch_size": batch_size,
-                     "device": str(device), "precision": getattr(denoiser, "precision", None), "steps": steps,
-                     "solver": solver,
-                     "fid": {"feature": fid_feature, "weights_path": fid_weights_path, "reference": fid_reference}},
+        "settings": {"per_sigma": per_sigma.to_dict(), "sampling": sampling.to_dict(), "num_samples": num_samples,
+                     "threshold": threshold, "device": str(device),
+                     "precision": getattr(denoiser, "precision", None),
+                     "fid": None if fid is None else fid.to_dict()},
         "data": {"num_train": int(train.shape[0]), "num_heldout": int(heldout.shape[0]),
                  "image_shape": list(image_shape)},
-        "per_sigma_mse": mse_section,
-        "per_sigma_memorization": mem_section,
-        "trajectory_memorization": traj_section,
-        "fid": fid_section,
-        "metrics": metrics,
+        "per_sigma_mse": mse.section,
+        "per_sigma_memorization": mem.section,
+        "trajectory_memorization": traj.section,
+        "fid": None if quality is None else quality.section,
+        "metrics": {**mse.metrics, **mem.metrics, **traj.metrics, **({} if quality is None else quality.metrics)},
         "files": dict(PLOT_FILES),
         "seconds": seconds,
     }

@@ -3,8 +3,8 @@ statistics and a pluggable feature extractor.
 
 FID (Heusel et al. 2017): with feature means mu_1, mu_2 and covariances S_1, S_2 of two image sets,
     FID = ||mu_1 - mu_2||^2 + tr(S_1) + tr(S_2) - 2 tr( (S_1 S_2)^(1/2) ).
-A figure means little without its sample count (PAPER_NOTES 6: few-sample FID is biased upwards and not comparable
-with 50k FID), so :func:`compute_fid` always reports the counts beside it.
+A figure means little without its sample count (few-sample FID is biased upwards and not comparable with the
+50k-sample FID of Karras et al. 2022), so :func:`compute_fid` always reports the counts beside it.
 
 Feature extractors are ``nn.Module``s mapping images [B, C, H, W] in [-1, 1] to features [B, F]:
 - :class:`InceptionFeatures`: torch-fidelity's InceptionV3 (2048-d pool features), the standard FID network;
@@ -24,8 +24,9 @@ import os
 import socket
 import threading
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import numpy as np
@@ -427,3 +428,12 @@ def compute_fid(
     mu, cov = feature_statistics(extract_features(samples, extractor, batch_size, device, progress))
     return {"fid": frechet_distance(mu, cov, ref.mu, ref.cov), "num_samples": int(samples.shape[0]),
             "num_reference": ref.num_samples, "feature_extractor": identity}
+
+
+def fid_report(fid: Mapping[str, Any], reference: str, reference_key: str | None) -> tuple[dict, dict[str, float]]:
+    """The ``fid`` JSON section (the dict of :func:`calmwild.fid.compute_fid` plus the reference set's name and
+    content key) and the metrics ``fid/value`` and ``fid/num_samples`` -- the count always beside the figure,
+    since few-sample FID is biased upwards and comparable only at equal counts (Karras et al. 2022 report 50k-sample
+    FID)."""
+    section = {**fid, "reference": reference, "reference_key": reference_key}
+    return section, {"fid/value": float(fid["fid"]), "fid/num_samples": float(fid["num_samples"])}

@@ -128,8 +128,8 @@ class CalmwildSaveConfig(SaveConfigCallback):
                 logger.experiment.config.update({"cli": json.loads(config)}, allow_val_change=True)
 
 
-_EXPECTED_TYPE = re.compile(r"Parser key \"(?P<key>[^\"]+)\":\s*Expected a <class '(?P<type>\w+)'>\. Got value: (?P<value>.*)",
-                            re.DOTALL)
+_EXPECTED_TYPE = re.compile(
+    r"Parser key \"(?P<key>[^\"]+)\":\s*Expected a <class '(?P<type>\w+)'>\. Got value: (?P<value>.*)", re.DOTALL)
 _TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}
 
 

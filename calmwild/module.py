@@ -26,9 +26,11 @@ import torch
 
 from calmwild.checkpoints import DEFAULT_BACKBONE, FORMAT_VERSION, backbone_config
 from calmwild.denoisers import NetworkDenoiser
-from calmwild.outputs import to_jsonable
+from calmwild.io import to_jsonable
 from calmwild.precond import EDMPrecond, edm_loss_weight
+from calmwild.checks import check_count
 from calmwild.sampling import generate
+from calmwild.settings import SamplingSettings
 from calmwild.sigma import LogNormal, SigmaDraw, SigmaSampler
 from calmwild.unet import UNet
 
@@ -85,8 +87,8 @@ class DiffusionModule(pl.LightningModule):
         nan_max_consecutive: int = 10,
         nan_max_fraction: float = 0.1,
         sample_class: int | None = None,
-        sampler_steps: int = 18,
-        sampler_solver: Literal["heun", "euler"] = "heun",
+        sampler_steps: int = SamplingSettings.steps,
+        sampler_solver: Literal["heun", "euler"] = SamplingSettings.solver,
         seed: int = 0,
         channels_last: bool = False,
         compile: bool = False,
@@ -106,15 +108,15 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError(f"ema_halflife_images must be positive, got {ema_halflife_images}")
         if ema_rampup_ratio is not None and ema_rampup_ratio <= 0:
             raise ValueError(f"ema_rampup_ratio must be positive or null, got {ema_rampup_ratio}")
-        if sampler_steps < 1:
-            raise ValueError(f"sampler_steps must be >= 1, got {sampler_steps}")
+        check_count(sampler_steps, "sampler_steps")
         num_classes = int(backbone.config.get("num_classes", 0))
         if sample_class is not None and not 0 <= sample_class < max(num_classes, 1):
             raise ValueError(
                 f"sample_class {sample_class} is not a class of a backbone with num_classes={num_classes}"
             )
         if num_classes > 0 and sample_class is None:
-            raise ValueError(f"a class-conditional backbone (num_classes={num_classes}) needs sample_class for sampling")
+            raise ValueError(
+                f"a class-conditional backbone (num_classes={num_classes}) needs sample_class for sampling")
         self.net = EDMPrecond(backbone, sigma_data)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -276,7 +278,8 @@ class DiffusionModule(pl.LightningModule):
     def update_ema(self, global_batch: int, images_seen: int | None = None) -> None:
         """EDM's EMA update after an optimizer step (Karras et al. 2022, training loop of App. F): with
         ``images_seen`` counting the batch just trained on (default (global_step + 1) * global_batch),
-        half-life = min(ema_halflife_images, ema_rampup_ratio * images_seen), beta = 0.5 ** (global_batch / half-life)."""
+        half-life = min(ema_halflife_images, ema_rampup_ratio * images_seen),
+        beta = 0.5 ** (global_batch / half-life)."""
         if images_seen is None:
             images_seen = (self.global_step + 1) * global_batch
         halflife = self.hparams.ema_halflife_images
@@ -323,16 +326,17 @@ class DiffusionModule(pl.LightningModule):
         return self
 
     # ------------------------------------------------------------------ evaluation and checkpoints
-    def ema_denoiser(self) -> NetworkDenoiser:
+    def ema_denoiser(self, precision: str = "fp32") -> NetworkDenoiser:
         """The EMA network as a data-space denoiser (eval mode, no grad, sampling class applied)."""
-        return NetworkDenoiser(self.net_ema, class_label=self.hparams.sample_class)
+        return NetworkDenoiser(self.net_ema, class_label=self.hparams.sample_class, precision=precision)
 
-    def sample(self, num: int, seed: int = 0, batch_size: int = 256, progress: bool = False, **sampler_kwargs: Any):
+    def sample(self, num: int, seed: int = 0, batch_size: int = 256, progress: bool = False, precision: str = "fp32",
+               **sampler_kwargs: Any):
         """``num`` images in [-1, 1] from the EMA network with EDM's sampler (per-image seeded noise)."""
         sampler_kwargs.setdefault("num_steps", self.hparams.sampler_steps)
         sampler_kwargs.setdefault("solver", self.hparams.sampler_solver)
         return generate(
-            self.ema_denoiser(), num, self.image_shape, seed=seed, batch_size=batch_size, device=self.device,
+            self.ema_denoiser(precision), num, self.image_shape, seed=seed, batch_size=batch_size, device=self.device,
             progress=progress, **sampler_kwargs,
         )
 

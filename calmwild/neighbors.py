@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
+from calmwild.checks import check_count
+
 
 def flatten(images: torch.Tensor) -> torch.Tensor:
     """[N, ...] -> [N, d] (a view when possible)."""
@@ -38,12 +40,6 @@ def squared_distances(
 DEFAULT_MARGIN = 16
 # Elements (query x reference x feature) per block when distances are formed from explicit differences.
 _DIFF_BUDGET = 1 << 22
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 @contextlib.contextmanager
@@ -148,11 +144,11 @@ def knn(
     n, dim = y.shape
     if n == 0:
         raise ValueError("the reference set is empty")
-    k = _positive_int(k, "k")
+    k = check_count(k, "k")
     if k > n:
         raise ValueError(f"k must lie in [1, {n}] (the reference size), got {k}")
-    query_chunk, ref_chunk = _positive_int(query_chunk, "query_chunk"), _positive_int(ref_chunk, "ref_chunk")
-    keep = k + DEFAULT_MARGIN if candidates is None else _positive_int(candidates, "candidates")
+    query_chunk, ref_chunk = check_count(query_chunk, "query_chunk"), check_count(ref_chunk, "ref_chunk")
+    keep = k + DEFAULT_MARGIN if candidates is None else check_count(candidates, "candidates")
     if keep < k:
         raise ValueError(f"candidates must be at least k = {k}, got {candidates}")
     keep = min(keep, n)

@@ -1,4 +1,4 @@
-"""EDM preconditioning (Karras et al. 2022, Table 1; PAPER_NOTES 1) around any backbone, and EDM's loss weight.
+"""EDM preconditioning (Karras et al. 2022, Table 1) around any backbone, and EDM's loss weight.
 
 D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)) with
 c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2),
@@ -33,7 +33,7 @@ def edm_coefficients(sigma: torch.Tensor | float, sigma_data: float = 0.5) -> ED
 
 
 def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (EDM eq. 8; PAPER_NOTES 1), which makes the effective
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, eq. 8), which makes the effective
     training target of F unit-variance at every sigma."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 

@@ -33,7 +33,7 @@ from typing import IO
 
 import torch
 
-from calmwild.outputs import remove_stale_temporaries, write_json
+from calmwild.io import remove_stale_temporaries, write_json
 
 RUN_PREFIX = "run-"
 CHECKPOINT_DIR = "checkpoints"

@@ -15,7 +15,7 @@ def edm_sigma_steps(
 
     sigma_i = (sigma_max^(1/rho) + i/(N-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1,
     decreasing from sigma_max to sigma_min. The terminal sigma = 0 is NOT included: samplers append it.
-    With the defaults the rounded values are 80.00, 57.59, 40.79, ..., 0.01, 0.00 (PAPER_NOTES 1).
+    With the defaults the rounded values are 80.00, 57.59, 40.79, ..., 0.01, 0.00 (the paper's App. E.7 table).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -44,7 +44,8 @@ def ddpm_alphas_cumprod(T: int = 1000, beta_start: float = 1e-4, beta_end: float
 
 
 def ddpm_sigmas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """The EDM-equivalent noise level of each DDPM timestep: sigma_t = sqrt((1 - abar_t) / abar_t) (PAPER_NOTES 4).
+    """The EDM-equivalent noise level of each DDPM timestep: sigma_t = sqrt((1 - abar_t) / abar_t)
+    (Ho et al. 2020's linear betas; paper Section 5).
 
     A DDPM state x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps rescaled by 1/sqrt(abar_t) is x0 + sigma_t eps.
     Entry ``t - 1`` holds sigma_t; strictly increasing in t.

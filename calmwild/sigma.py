@@ -1,7 +1,7 @@
 """SigmaSampler plugins: the distribution of training noise levels p(sigma) of the loss (paper eq. 1).
 
-- :class:`LogNormal`: EDM's ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022; PAPER_NOTES 1).
-- :class:`DDPMUniform`: t ~ U{1..T}, sigma = sigma_t of the linear-beta DDPM schedule (PAPER_NOTES 4).
+- :class:`LogNormal`: EDM's ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1).
+- :class:`DDPMUniform`: t ~ U{1..T}, sigma = sigma_t of the linear-beta DDPM schedule (Ho et al. 2020).
 - :class:`Gap`: the base distribution with closed sigma bands removed and the rest renormalised (paper Section 5).
 - :class:`Reweighted`: the base distribution with the loss inside bands multiplied by a factor in [0, 1].
 - :class:`DangerZoneGap`: a Gap whose band is the dataset's danger zone, computed from the data at setup.
@@ -19,7 +19,10 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from calmwild.checks import check_count
+from calmwild.geometry.zone import check_gap_options, danger_zone, gap_band
 from calmwild.schedule import ddpm_sigmas, sigma_to_timestep, timestep_to_sigma
+from calmwild.settings import GeometrySettings
 
 Unit = Literal["sigma", "timestep"]
 
@@ -41,8 +44,7 @@ class SigmaSampler(ABC):
 
     def sample(self, n: int, generator: torch.Generator) -> SigmaDraw:
         """``n`` draws as float32 CPU tensors; one uniform per draw from ``generator``."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        n = check_count(n, "n")
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         sigma = self._sigma_from_uniform(u)
         return SigmaDraw(sigma.to(torch.float32), self.weight(sigma).to(torch.float32))
@@ -111,7 +113,7 @@ def _probability_levels(u: torch.Tensor | float) -> torch.Tensor:
 
 
 class LogNormal(SigmaSampler):
-    """EDM's training distribution: ln(sigma) ~ N(p_mean, p_std^2) (EDM Table 1; PAPER_NOTES 1).
+    """EDM's training distribution: ln(sigma) ~ N(p_mean, p_std^2) (Karras et al. 2022, Table 1).
 
     Args:
         p_mean: mean of ln(sigma) (EDM: -1.2).
@@ -142,7 +144,7 @@ class LogNormal(SigmaSampler):
 
 class DDPMUniform(SigmaSampler):
     """DDPM's timestep distribution mapped to sigma: t ~ U{1..T}, sigma = sqrt((1 - abar_t) / abar_t), beta linear
-    from beta_start to beta_end (Ho et al. 2020; PAPER_NOTES 4). Discrete, with T atoms of mass 1/T.
+    from beta_start to beta_end (Ho et al. 2020). Discrete, with T atoms of mass 1/T.
 
     Args:
         T: number of timesteps.
@@ -291,7 +293,8 @@ def _band_cdf_spans(base: SigmaSampler, bands: _Bands) -> list[tuple[float, floa
             )
         if bands.unit == "sigma" and base.is_discrete and high > float(base.quantile(1.0)) * (1 + 1e-9):
             raise ValueError(
-                f"band {given} (sigma) reaches past the largest noise level of the base ({float(base.quantile(1.0)):.4g});"
+                f"band {given} (sigma) reaches past the largest noise level of the base "
+                f"({float(base.quantile(1.0)):.4g});"
                 " a band given in DDPM timesteps needs unit: timestep"
             )
         spans.append((lo_u, hi_u))
@@ -473,63 +476,38 @@ class Reweighted(SigmaSampler):
                 "factors": self.factors, "unit": self.bands.unit}
 
 
-CROSSING_MIN_MARGIN = 1.5  # an empty zone falls back to at least [c / 1.5, c * 1.5] around the crossing c
-
-
 class DangerZoneGap(Gap):
     """A :class:`Gap` whose band is the dataset's danger zone, found from the data alone before training
     (paper Section 4.2.3 and App. E.4): the sigma band where both the expected max posterior weight (Def. 4.1) and
     the Gaussian-shell coverage (Def. 4.6) are at least their levels (:func:`calmwild.geometry.danger_zone`).
 
     The band is computed by :meth:`prepare` (the training module calls it once at setup, on rank 0, and broadcasts
-    the result), widened by ``margin`` on each side in log sigma (the paper's CelebA gaps add a buffer around the
-    zone), stored in checkpoints and logged. If the zone is empty, ``if_empty`` decides: ``error`` stops with the
-    levels that were reached, ``crossing`` removes the band [c / margin, c * margin] around the curves'
-    crossing point.
+    the result), turned into the gap by :func:`calmwild.geometry.gap_band` (widened by ``margin`` on each side in
+    log sigma, as the paper's CelebA gaps add a buffer around the zone; an empty zone is an error, or with
+    ``if_empty: crossing`` a band around the curves' crossing point), stored in checkpoints and logged.
 
     Args:
         base: the distribution to cut.
-        weight_level: level the max posterior weight must reach.
-        coverage_level: level the shell coverage must reach.
+        geometry: sizes and levels of the geometry estimate (:class:`calmwild.settings.GeometrySettings`; the
+            weight curve uses ``num_points`` x ``num_noises``, the coverage ``num_queries`` x
+            ``num_coverage_noises``, on ``num_levels`` noise levels).
         margin: multiplicative widening of the band in sigma (band [a, b] becomes [a / margin, b * margin]), >= 1.
         if_empty: ``error`` or ``crossing`` (see above).
-        num_levels: sigma grid size (EDM rho schedule, App. E.2's 40 levels).
-        num_points: training points of the weight curve.
-        num_noises: noises per training point (weight curve).
-        num_queries: held-out points of the coverage curve.
-        num_coverage_noises: noises per held-out point (coverage curve).
-        t: Lemma 4.5's shell parameter.
-        seed: seed of the Monte Carlo estimates.
     """
 
     def __init__(
         self,
         base: SigmaSampler,
-        weight_level: float = 0.5,
-        coverage_level: float = 0.5,
+        geometry: GeometrySettings = GeometrySettings(),
         margin: float = 1.0,
         if_empty: Literal["error", "crossing"] = "error",
-        num_levels: int = 40,
-        num_points: int = 100,
-        num_noises: int = 50,
-        num_queries: int = 500,
-        num_coverage_noises: int = 20,
-        t: float = 5.0,
-        seed: int = 0,
     ):
         _check_base(base, "sigma", 1000, 1e-4, 0.02)
-        for name, level in (("weight_level", weight_level), ("coverage_level", coverage_level)):
-            if not 0.0 < level < 1.0:
-                raise ValueError(f"{name} must lie in (0, 1), got {level}")
-        if not margin >= 1.0:
-            raise ValueError(f"margin must be >= 1 (a widening factor in sigma), got {margin}")
-        if if_empty not in ("error", "crossing"):
-            raise ValueError(f"if_empty must be 'error' or 'crossing', got {if_empty!r}")
+        check_gap_options(margin, if_empty)
         self.base = base
         self.is_discrete = base.is_discrete
-        self.settings = dict(weight_level=weight_level, coverage_level=coverage_level, margin=margin,
-                             if_empty=if_empty, num_levels=num_levels, num_points=num_points, num_noises=num_noises,
-                             num_queries=num_queries, num_coverage_noises=num_coverage_noises, t=t, seed=seed)
+        self.geometry = geometry
+        self.settings = {**geometry.to_dict(), "margin": margin, "if_empty": if_empty}
         self.zone: dict | None = None
         self._kept = None
 
@@ -538,32 +516,19 @@ class DangerZoneGap(Gap):
             raise RuntimeError("DangerZoneGap has no band yet: call prepare(train_images, heldout_images) first")
 
     def prepare(self, train_images: torch.Tensor, heldout_images: torch.Tensor) -> dict:
-        from calmwild.geometry import danger_zone, posterior_weight_curves, shell_coverage
-        from calmwild.schedule import edm_sigma_steps
+        from calmwild.geometry.shells import shell_coverage
+        from calmwild.geometry.weights import posterior_weight_curves
 
-        s = self.settings
-        sigmas = edm_sigma_steps(s["num_levels"]).flip(0)
-        weight = posterior_weight_curves(train_images, sigmas, num_points=min(s["num_points"], len(train_images)),
-                                         num_noises=s["num_noises"], seed=s["seed"])
+        g = self.geometry
+        sigmas = g.sigma_grid()
+        weight = posterior_weight_curves(train_images, sigmas, num_points=min(g.num_points, len(train_images)),
+                                         num_noises=g.num_noises, seed=g.seed)
         coverage = shell_coverage(train_images, heldout_images, sigmas,
-                                  num_queries=min(s["num_queries"], len(heldout_images)),
-                                  num_noises=s["num_coverage_noises"], t=s["t"], seed=s["seed"] + 1)
-        zone = danger_zone(sigmas, weight.max_weight, coverage.coverage, s["weight_level"], s["coverage_level"])
-        if zone.band is not None:
-            low, high = zone.band
-        elif s["if_empty"] == "crossing" and zone.crossing_sigma is not None:
-            low = high = zone.crossing_sigma
-        else:
-            hint = ("the weight and coverage curves never cross on this grid" if s["if_empty"] == "crossing"
-                    else "lower the levels, or set if_empty=crossing")
-            raise ValueError(
-                f"the danger zone of this dataset is empty at weight_level={s['weight_level']} and "
-                f"coverage_level={s['coverage_level']} (both curves reach {zone.max_joint_level:.3f} together at "
-                f"most; the weight falls through its level at sigma {zone.weight_crossing_sigma}, the coverage "
-                f"rises through its level at sigma {zone.coverage_crossing_sigma}): {hint}"
-            )
-        margin = max(s["margin"], CROSSING_MIN_MARGIN) if low == high else s["margin"]
-        self.load_state_dict({"band": [low / margin, high * margin], "zone": zone.to_dict()})
+                                  num_queries=min(g.num_queries, len(heldout_images)),
+                                  num_noises=g.num_coverage_noises, t=g.t, seed=g.seed + 1)
+        zone = danger_zone(sigmas, weight.max_weight, coverage.coverage, g.weight_level, g.coverage_level)
+        band = gap_band(zone, self.settings["margin"], self.settings["if_empty"])
+        self.load_state_dict({"band": list(band), "zone": zone.to_dict()})
         return {"danger_zone": self.zone, "gap_band_sigma": self.bands.sigma[0], "kept_mass": self.kept_mass}
 
     def state_dict(self) -> dict:

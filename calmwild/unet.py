@@ -1,7 +1,7 @@
 """DDPM++-style U-Net backbone F(x_in, c_noise, class_labels) for EDM preconditioning.
 
-Architecture (Song et al. 2021 "DDPM++", as configured in Karras et al. 2022 "EDM", config F for CIFAR-10;
-PAPER_NOTES 6). With L = len(channel_mult) resolution levels r_l = img_resolution / 2^l:
+Architecture (Song et al. 2021 "DDPM++", as configured in Karras et al. 2022 "EDM", config F for CIFAR-10).
+With L = len(channel_mult) resolution levels r_l = img_resolution / 2^l:
 
 * noise embedding: e = SiLU(W2 SiLU(W1 [cos(c f_k), sin(c f_k)]_k + b1) + b2) with frequencies
   f_k = (1/10000)^(k/(K-1)), k = 0..K-1, K = model_channels/2; a learned class vector is added to the sinusoidal
@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calmwild.checks import check_choice, check_count
+
 _SKIP_SCALE = 1.0 / math.sqrt(2.0)
 
 
@@ -62,7 +64,8 @@ def num_groups(channels: int, variant: str = "calmwild", max_groups: int = 32) -
     if variant == "edm":
         groups = min(max_groups, channels // _EDM_MIN_CHANNELS_PER_GROUP)
         if groups < 1 or channels % groups:
-            raise ValueError(f"variant 'edm' needs GroupNorm widths divisible by min(32, C // 4); C = {channels} is not")
+            raise ValueError(
+                f"variant 'edm' needs GroupNorm widths divisible by min(32, C // 4); C = {channels} is not")
         return groups
     return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
 
@@ -169,12 +172,6 @@ class ResBlock(nn.Module):
         return self.attn_out(out)
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_int_sequence(name: str, value: object, allow_empty: bool) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a sequence of positive ints, got {value!r}")
@@ -182,7 +179,7 @@ def _check_int_sequence(name: str, value: object, allow_empty: bool) -> tuple[in
     if not items and not allow_empty:
         raise ValueError(f"{name} must not be empty, got {value!r}")
     for item in items:
-        _check_positive_int(f"every entry of {name}", item)
+        check_count(item, f"every entry of {name}")
     return items
 
 
@@ -218,25 +215,24 @@ class UNet(nn.Module):
         variant: Literal["calmwild", "edm"] = "calmwild",
     ):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        _check_positive_int("img_resolution", img_resolution)
-        _check_positive_int("in_channels", in_channels)
+        check_choice(variant, "variant", VARIANTS)
+        check_count(img_resolution, "img_resolution")
+        check_count(in_channels, "in_channels")
         if out_channels is None:
             out_channels = in_channels
-        _check_positive_int("out_channels", out_channels)
-        _check_positive_int("model_channels", model_channels)
+        check_count(out_channels, "out_channels")
+        check_count(model_channels, "model_channels")
         if model_channels % 2:
             raise ValueError(f"model_channels must be even (sinusoidal embedding of width model_channels), "
                              f"got {model_channels}")
         channel_mult = _check_int_sequence("channel_mult", channel_mult, allow_empty=False)
-        _check_positive_int("num_blocks", num_blocks)
+        check_count(num_blocks, "num_blocks")
         attn_resolutions = _check_int_sequence("attn_resolutions", attn_resolutions, allow_empty=True)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0 = unconditional), got {num_classes!r}")
-        _check_positive_int("channel_mult_emb", channel_mult_emb)
+        check_count(channel_mult_emb, "channel_mult_emb")
         num_down = len(channel_mult) - 1
         if img_resolution % (2**num_down):
             raise ValueError(
@@ -290,7 +286,8 @@ class UNet(nn.Module):
                 self.encoder.append(block(cout, cout, resample="down"))
                 skip_channels.append(cout)
             for _ in range(num_blocks):
-                self.encoder.append(block(cout, model_channels * mult, attention=resolutions[level] in attn_resolutions))
+                self.encoder.append(block(cout, model_channels * mult,
+                                          attention=resolutions[level] in attn_resolutions))
                 cout = model_channels * mult
                 skip_channels.append(cout)
 

@@ -8,7 +8,8 @@ and on a CPU (tiny sizes, about 1.5 minutes on 2 idle cores):
 
     python scripts/bench.py --quick --out bench_quick.json
 
-Options: ``--device`` (default cuda if available, else cpu), ``--only training,sampling,knn,empirical,geometry,precision``,
+Options: ``--device`` (default cuda if available, else cpu),
+``--only training,sampling,knn,empirical,geometry,precision``,
 ``--threads N``, ``--variants`` (training), ``--memory-fraction``, and size overrides (``--batch-size``,
 ``--timed-steps``, ``--num-references``, ... see ``--help``). Progress goes to stderr; stdout gets ONE JSON object
 (also written to ``--out``) with the device name, torch / Lightning / CUDA versions, precision settings, sizes and:

@@ -24,7 +24,7 @@ import torch
 
 from calmwild.denoisers import load_denoiser
 from calmwild.interop.edm import import_edm_network
-from calmwild.outputs import write_json
+from calmwild.io import write_json
 
 SMALL = [
     dict(img_resolution=16, img_channels=3, label_dim=0, model_channels=32, channel_mult=[1, 2], num_blocks=1,

@@ -21,9 +21,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from calmwild.analysis import analyze_geometry, write_geometry_report  # noqa: E402
+from calmwild.geometry.report import analyze_geometry, write_geometry_report  # noqa: E402
+from calmwild.settings import GeometrySettings  # noqa: E402
 from calmwild.data import CIFAR10DataModule, DigitsDataModule  # noqa: E402
-from calmwild.outputs import prepare_output_dir  # noqa: E402
+from calmwild.io import prepare_output_dir  # noqa: E402
 
 
 def load_data(args: argparse.Namespace):
@@ -97,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = prepare_output_dir(args.out, args.overwrite)
     data = load_data(args)
     start = time.perf_counter()
-    report = analyze_geometry(data.train_images, data.heldout_images, num_points=args.num_points,
-                              num_noises=args.num_noises, num_queries=args.num_queries, device=args.device)
+    settings = GeometrySettings(num_points=args.num_points, num_noises=args.num_noises, num_queries=args.num_queries)
+    report = analyze_geometry(data.train_images, data.heldout_images, settings, device=args.device)
     report["data"] = data.describe()
     report["seconds"] = time.perf_counter() - start
     write_geometry_report(report, out, overwrite=True)

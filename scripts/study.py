@@ -55,16 +55,19 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from calmwild import risk
+from calmwild import stats
+from calmwild.geometry import risk
 from calmwild.runs import find_latest_run
 from calmwild.cli import run as calmwild
 from calmwild.commands import load_datamodule
 from calmwild.denoisers import SWAP_PRESETS, swap_bands_from_steps
-from calmwild.evaluation import check_sigmas, plot_sigma_curves, save_figure
-from calmwild.images import enlarge, pair_grid, save_png
-from calmwild.outputs import to_jsonable, write_json
+from calmwild.checks import check_sigmas
+from calmwild.io import save_figure
+from calmwild.memorization.report import plot_sigma_curves
+from calmwild.io import enlarge, pair_grid, save_png
+from calmwild.io import to_jsonable, write_json
 from calmwild.schedule import edm_sigma_steps
-from calmwild.sigma import CROSSING_MIN_MARGIN
+from calmwild.geometry.zone import CROSSING_MIN_MARGIN
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = {"digits": ROOT / "configs/study/digits.yaml", "digits_quick": ROOT / "configs/study/digits_quick.yaml",
@@ -260,7 +263,7 @@ class Study:
         self.out, self.s, self.device = out, settings, device
         self.commands: list[str] = []
         self.invocation = "python scripts/study.py"
-        self.sigmas = check_sigmas(edm_sigma_steps(settings["sigma_levels"]).flip(0).tolist())
+        self.sigmas = check_sigmas(edm_sigma_steps(settings["sigma_levels"]).flip(0), distinct_names=True).tolist()
         template_path = TEMPLATES[settings["template"]]
         self.template = yaml.safe_load(template_path.read_text())
         backbone = self.template["model"]["backbone"]
@@ -295,8 +298,8 @@ class Study:
             if kind == "ModelCheckpoint":
                 init["every_n_train_steps"] = s["eval_every"]
             elif kind in ("TrajectoryMemorization", "SampleGrid"):
-                init.update(every_n_steps=s["eval_every"], num_samples=s["traj_samples"], seed=s["seed"],
-                            threshold=s["threshold"])
+                init.update(every_n_steps=s["eval_every"], num_samples=s["traj_samples"], threshold=s["threshold"],
+                            sampling={**init.get("sampling", {}), "seed": s["seed"]})
         data = cfg["data"]["init_args"]
         data.update(num_train=s["large_n"] if name == "large" else s["small_n"], num_heldout=s["heldout_n"],
                     batch_size=s["batch_size"])
@@ -324,9 +327,9 @@ class Study:
         out = self.out / "geometry"
         g = self.s["geometry"]
         report = self.calmwild("analyze", "--data", self.config("small"), "--out", out, "--overwrite", "true",
-                               "--seed", self.s["seed"], "--device", self.device, "--risk_k", self.s["risk_k"],
-                               "--risk_noises", self.s["risk_noises"],
-                               *[x for k, v in g.items() for x in (f"--{k}", v)])
+                               "--geometry.seed", self.s["seed"], "--device", self.device, "--risk_k",
+                               self.s["risk_k"], "--risk_noises", self.s["risk_noises"],
+                               *[x for k, v in g.items() for x in (f"--geometry.{k}", v)])
         zone = report["danger_zone"]
         if not zone["empty"]:
             lo, hi = zone["sigma"]
@@ -374,12 +377,12 @@ class Study:
     def evaluate(self, name: str, ckpt: str, data: Path) -> dict:
         s = self.s
         argv = ["evaluate", "--ckpt", ckpt, "--data", data, "--out", self.out / "evaluate" / name, "--overwrite",
-                "true", "--sigmas", json.dumps(self.sigmas), "--num_images", s["eval_images"], "--num_samples",
-                s["eval_samples"], "--threshold", s["threshold"], "--fid_feature", s["fid_feature"],
-                "--fid_reference", "heldout", "--fid_cache_dir", self.out / "fid_cache", "--seed", s["seed"],
-                "--device", self.device]
+                "true", "--per_sigma.sigmas", json.dumps(self.sigmas), "--per_sigma.num_images", s["eval_images"],
+                "--per_sigma.seed", s["seed"], "--num_samples", s["eval_samples"], "--threshold", s["threshold"],
+                "--fid.feature_extractor", s["fid_feature"], "--fid.reference", "heldout", "--fid.cache_dir",
+                self.out / "fid_cache", "--sampling.seed", s["seed"], "--device", self.device]
         if s["fid_weights_path"]:
-            argv += ["--fid_weights_path", s["fid_weights_path"]]
+            argv += ["--fid.weights_path", s["fid_weights_path"]]
         report = self.calmwild(*argv)
         mse, mem = report["per_sigma_mse"], report["per_sigma_memorization"]
         return {"sigmas": mse["sigmas"], "mse_train": mse["train"]["mse_per_pixel"],
@@ -403,7 +406,8 @@ class Study:
     def swap(self, trained: dict) -> dict:
         s, data = self.s, self.config("small")
         ckpt = {name: trained[name]["checkpoint"] for name in ("small", "large")}
-        common = ["--data", data, "--num", s["swap_samples"], "--seed", s["seed"], "--threshold", s["threshold"],
+        common = ["--data", data, "--num", s["swap_samples"], "--sampling.seed", s["seed"],
+                  "--threshold", s["threshold"],
                   "--device", self.device, "--overwrite", "true"]
         table: dict[str, dict[str, Any]] = {}
         for base, other in (("small", "large"), ("large", "small")):
@@ -436,7 +440,7 @@ class Study:
         scores = {name: torch.tensor(values, dtype=torch.float64) for name, values in saved["per_image"].items()}
         out = self.out / "risk"
         self.calmwild("sample", "--ckpt", trained["small"]["checkpoint"], "--data", self.config("small"),
-                      "--num", s["risk_samples"], "--seed", s["seed"], "--threshold", s["threshold"],
+                      "--num", s["risk_samples"], "--sampling.seed", s["seed"], "--threshold", s["threshold"],
                       "--device", self.device, "--out", out / "samples", "--overwrite", "true")
         per_sample = json.loads((out / "samples" / "per_sample.json").read_text())
         counts = risk.reproduction_counts(per_sample["nearest_index"], per_sample["memorized"], train.shape[0])
@@ -484,9 +488,9 @@ def score_against(scores: dict[str, torch.Tensor], counts: torch.Tensor, seed: i
     reproduced = counts > 0
     both = bool(reproduced.any()) and not bool(reproduced.all())
     varied = bool((counts != counts[0]).any())
-    stats = {name: {"auroc": risk.risk_auroc(v, reproduced) if both else None,
-                    "spearman": risk.spearman(v, counts) if varied else None} for name, v in scores.items()}
-    return {"num_reproduced": int(reproduced.sum()), "scores": stats,
+    per_score = {name: {"auroc": stats.auroc(v, reproduced) if both else None,
+                        "spearman": stats.spearman(v, counts) if varied else None} for name, v in scores.items()}
+    return {"num_reproduced": int(reproduced.sum()), "scores": per_score,
             "random": risk.random_score_baseline(reproduced, counts, seed=seed, num_draws=RANDOM_DRAWS)}
 
 
@@ -572,7 +576,7 @@ def plot_risk(scores: dict, counts: torch.Tensor, per_step: list[dict], final: d
         values = [np.nan if p["scores"][name]["spearman"] is None else p["scores"][name]["spearman"] for p in per_step]
         right.plot(steps, values, marker="o", ms=3, color=f"C{i}", label=name)
     random = [np.nan if p["random"]["spearman"] is None else p["random"]["spearman"] for p in per_step]
-    null = risk.spearman_null_std(len(counts))
+    null = stats.spearman_null_std(len(counts))
     right.plot(steps, random, color="k", ls="--", lw=1, label="seeded random score")
     right.axhspan(-2 * null, 2 * null, color="gray", alpha=0.2, lw=0, label="chance ± 2 null SD")
     right.axhline(0, color="k", lw=0.6)
@@ -695,9 +699,9 @@ def _crossing(result: dict, level: float) -> float | None:
 
 
 def claim_risk(risk_result: dict) -> dict:
-    stats = risk_result["final"]["scores"][risk.PRIMARY_SCORE]
-    rho, n = stats["spearman"], risk_result["num_train"]
-    null = risk.spearman_null_std(n)
+    primary = risk_result["final"]["scores"][risk.PRIMARY_SCORE]
+    rho, n = primary["spearman"], risk_result["num_train"]
+    null = stats.spearman_null_std(n)
     if rho is None:
         status = "not reproduced"
     elif rho >= 2 * null:
@@ -708,7 +712,7 @@ def claim_risk(risk_result: dict) -> dict:
         status = "not reproduced"
     random = risk_result["final"]["random"]
     evidence = (f"final small model, {risk.PRIMARY_SCORE}: Spearman rho {_fmt(rho)} (null SD {null:.3g}), AUROC "
-                f"{_fmt(stats['auroc'])}; seeded random score: rho {_fmt(random['spearman'])}, AUROC "
+                f"{_fmt(primary['auroc'])}; seeded random score: rho {_fmt(random['spearman'])}, AUROC "
                 f"{_fmt(random['auroc'])}; "
                 f"{risk_result['num_reproduced']} of {n} training images reproduced by "
                 f"{risk_result['num_samples']} samples ({_pct(risk_result['rate'])} memorized)")
@@ -719,7 +723,7 @@ def claim_risk(risk_result: dict) -> dict:
                      f"memorized, {early['num_reproduced']} of {n} images reproduced) rho {_fmt(e['spearman'])}, AUROC "
                      f"{_fmt(e['auroc'])}")
     return {"status": status, "evidence": evidence,
-            "numbers": {"spearman": rho, "null_std": null, "auroc": stats["auroc"],
+            "numbers": {"spearman": rho, "null_std": null, "auroc": primary["auroc"],
                         "post_hoc_first_partial_step": None if early is None else {
                             "step": early["step"], **early["scores"][risk.PRIMARY_SCORE]}}}
 
@@ -850,7 +854,7 @@ def write_report(study: Study, stages: Stages, results: dict) -> dict:
           + f" | {_fmt(p['random']['auroc'])} / {_fmt(p['random']['spearman'])} |" for p in rk["per_step"]],
         "",
         "Null standard deviation of rho for independent scores: "
-        f"{risk.spearman_null_std(rk['num_train']):.3g} (1 / sqrt(N - 1)). AUROC is undefined (n/a) when every "
+        f"{stats.spearman_null_std(rk['num_train']):.3g} (1 / sqrt(N - 1)). AUROC is undefined (n/a) when every "
         "image, or none, is reproduced.",
         "",
         f"![risk]({rk['files']['figure']})",

@@ -25,3 +25,48 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+TINY_UNET = dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                 attn_resolutions=(4,), dropout=0.0)
+
+
+@pytest.fixture
+def gen():
+    """A seeded CPU generator: ``gen(seed)``."""
+    return lambda seed: torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def tiny_unet():
+    """A tiny calmwild U-Net, ``tiny_unet(**overrides)``: 8x8 grayscale, 16 channels, two levels, no dropout."""
+    from calmwild.unet import UNet
+
+    return lambda **overrides: UNet(**{**TINY_UNET, **overrides})
+
+
+@pytest.fixture
+def tiny_net(tiny_unet):
+    """``tiny_net(seed, **overrides)``: EDMPrecond around :func:`tiny_unet` with every weight perturbed by seeded noise,
+    so that the zero-initialised output layers hide no mistake."""
+    from calmwild.precond import EDMPrecond
+
+    def make(seed: int, **overrides):
+        torch.manual_seed(seed)
+        net = EDMPrecond(tiny_unet(**overrides), sigma_data=0.5)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        return net
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process runs use one intra-op thread, like the subprocesses (OMP_NUM_THREADS=1): on 2 shared cores two
+    spinning threads per process slow tiny models down several-fold (and the reduction order matches)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -67,7 +67,8 @@ def _conv(gen, cin, cout, kernel, up=False, down=False):
 
 
 def _norm(gen, channels):
-    params = {"weight": 1 + 0.1 * torch.randn(channels, generator=gen), "bias": 0.1 * torch.randn(channels, generator=gen)}
+    params = {"weight": 1 + 0.1 * torch.randn(channels, generator=gen),
+              "bias": 0.1 * torch.randn(channels, generator=gen)}
     return Rec("GroupNorm", params, num_groups=min(32, channels // 4), eps=1e-6)
 
 
@@ -136,6 +137,8 @@ def edm_precond(model: Rec, sigma_data: float = 0.5) -> Rec:
 
 
 # ---------------------------------------------------------------------------------------------- writing pickles
+
+
 def _fake_persistence_module():
     package = types.ModuleType("torch_utils")
     module = types.ModuleType("torch_utils.persistence")
@@ -177,6 +180,8 @@ def write_edm_pickle(path, content: dict, module_src: str = SOURCE_PLACEHOLDER) 
 
 
 # ---------------------------------------------------------------------------------------------- the forward pass
+
+
 def _gn(x, rec):
     return F.group_norm(x, rec.attrs["num_groups"], rec.params["weight"], rec.params["bias"], eps=rec.attrs["eps"])
 

@@ -79,7 +79,8 @@ def test_quick_mode_runs_every_benchmark_and_writes_one_json_object(tmp_path, mo
         assert len(row["mse_per_pixel"]) == len(precision["sigmas"]) and all(m > 0 for m in row["mse_per_pixel"])
     # bf16 evaluation of the same network changes the MSE, but by a few percent at most (bf16 keeps 8 bits)
     assert 0 < table["train fp32 / eval bf16"]["max_abs_relative_change"] < 0.2
-    assert positive(precision["ratio_train_bf16_to_fp32_speed"]) and positive(precision["ratio_eval_bf16_to_fp32_speed"])
+    assert positive(precision["ratio_train_bf16_to_fp32_speed"])
+    assert positive(precision["ratio_eval_bf16_to_fp32_speed"])
 
     # the comparison with the EDM H100 figures only runs on CUDA: exercise it on this record
     from bench.reference import compare

@@ -17,18 +17,23 @@ import torch
 import yaml
 
 from callbacks import FID, PerSigmaMemorization, PerSigmaMSE, SampleGrid, TrajectoryMemorization
-from callbacks.sharding import SampleCache, gather_rows, shard_bounds
+from calmwild.evaluation import shard_bounds
+from calmwild.settings import FIDSettings, PerSigmaSettings, SamplingSettings
+from callbacks.sharding import SampleCache, gather_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMAS = [20.0, 1.0, 0.05]
 EVERY = 3
 SAMPLES = 15  # odd, like the 33 per-sigma items: DDP shards differ in length, padding is exercised
-PER_SIGMA = {"sigmas": SIGMAS, "num_images": 11, "num_noises": 3, "batch_size": 8, "every_n_steps": EVERY}
-SAMPLER = {"num_samples": SAMPLES, "steps": 4, "batch_size": 8, "every_n_steps": EVERY}
+PER_SIGMA_ITEMS = {"sigmas": SIGMAS, "num_images": 11, "num_noises": 3, "batch_size": 8}
+PER_SIGMA = {"per_sigma": PER_SIGMA_ITEMS, "every_n_steps": EVERY}
+SAMPLER = {"num_samples": SAMPLES, "sampling": {"steps": 4, "batch_size": 8}, "every_n_steps": EVERY}
 NAMES = ("per_sigma_mse", "per_sigma_memorization", "trajectory_memorization", "fid", "sample_grid")
 
 
 # ------------------------------------------------------------------------------------------------ unit tests
+
+
 def test_shards_are_contiguous_and_cover_every_item_once():
     for total in (0, 1, 7, 16, 17):
         for world in (1, 2, 3, 5):
@@ -109,15 +114,16 @@ def test_arguments_are_validated_and_state_keys_are_unique():
     with pytest.raises(ValueError, match="threshold"):
         PerSigmaMemorization(threshold=1.5)
     with pytest.raises(ValueError, match="feature_extractor"):
-        FID(feature_extractor="vgg")
+        FID(fid=FIDSettings(feature_extractor="vgg"))
     with pytest.raises(ValueError, match="num_samples"):
         FID(num_samples=1)
     with pytest.raises(ValueError, match="solver"):
-        SampleGrid(solver="rk4")
+        SampleGrid(sampling=SamplingSettings(solver="rk4"))
     with pytest.raises(ValueError, match="distinct"):
-        PerSigmaMSE(sigmas=[1.0, 1.0001])
-    keys = {cb.state_key for cb in (PerSigmaMSE(), PerSigmaMSE(num_images=8), PerSigmaMSE(name="other"),
-                                     PerSigmaMemorization(), TrajectoryMemorization(), FID(), SampleGrid())}
+        PerSigmaMSE(per_sigma=PerSigmaSettings(sigmas=[1.0, 1.0001]))
+    callbacks = (PerSigmaMSE(), PerSigmaMSE(PerSigmaSettings(num_images=8)), PerSigmaMSE(name="other"),
+                 PerSigmaMemorization(), TrajectoryMemorization(), FID(), SampleGrid())
+    keys = {cb.state_key for cb in callbacks}
     assert len(keys) == 7
     cb = TrajectoryMemorization()
     cb.load_state_dict({"last_step": 30, "history": [{"step": 30, "traj_mem/rate": 0.5}]})
@@ -128,7 +134,7 @@ def test_fid_fails_at_setup_when_inception_weights_are_missing(tmp_path):
     from types import SimpleNamespace
 
     images = torch.zeros(4, 1, 8, 8)
-    fid = FID(weights_path=str(tmp_path / "missing.pth"))
+    fid = FID(fid=FIDSettings(weights_path=str(tmp_path / "missing.pth")))
     trainer = SimpleNamespace(datamodule=SimpleNamespace(train_images=images, heldout_images=images),
                               callbacks=[fid], world_size=1)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
@@ -138,6 +144,8 @@ def test_fid_fails_at_setup_when_inception_weights_are_missing(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+
+
 def _config(path: Path, max_steps: int, loggers: list[dict]) -> Path:
     """A tiny fit on the embedded digits with all five callbacks; checkpoints at every evaluated step."""
     callbacks = [
@@ -146,7 +154,7 @@ def _config(path: Path, max_steps: int, loggers: list[dict]) -> Path:
         {"class_path": "callbacks.PerSigmaMSE", "init_args": PER_SIGMA},
         {"class_path": "callbacks.PerSigmaMemorization", "init_args": PER_SIGMA},
         {"class_path": "callbacks.TrajectoryMemorization", "init_args": SAMPLER},
-        {"class_path": "callbacks.FID", "init_args": {**SAMPLER, "feature_extractor": "random"}},
+        {"class_path": "callbacks.FID", "init_args": {**SAMPLER, "fid": {"feature_extractor": "random"}}},
         {"class_path": "callbacks.SampleGrid", "init_args": {**SAMPLER, "num_samples": 7}},
     ]
     config = {
@@ -291,13 +299,14 @@ def _library_results(run_dir: Path, step: int, datamodule) -> dict:
     callbacks evaluated at that step: both run before the module's EMA update of the step)."""
     from calmwild.denoisers import load_denoiser
     from calmwild.fid import build_feature_extractor, compute_fid
-    from calmwild.memorization import per_sigma_memorization, per_sigma_mse, trajectory_memorization
+    from calmwild.memorization.per_sigma import per_sigma_memorization, per_sigma_mse
+    from calmwild.memorization.ratio import trajectory_memorization
     from calmwild.sampling import generate
 
     (ckpt,) = run_dir.rglob(f"*step={step}.ckpt")
     denoiser = load_denoiser(ckpt)
     train, heldout = datamodule.train_images, datamodule.heldout_images
-    args = (PER_SIGMA["num_noises"], 0, PER_SIGMA["batch_size"])
+    args = (PER_SIGMA_ITEMS["num_noises"], 0, PER_SIGMA_ITEMS["batch_size"])
     samples = generate(denoiser, SAMPLES, (1, 8, 8), seed=0, batch_size=SAMPLES, progress=False, num_steps=4)
     return {
         "train": per_sigma_mse(denoiser, train[:11], SIGMAS, *args),

@@ -83,7 +83,7 @@ def test_help_and_print_config_work():
     assert help_out.returncode == 0 and "--model.sigma_sampler" in help_out.stdout
     analyze_help = subprocess.run(script + ["analyze", "--help"], capture_output=True, text=True, cwd=ROOT,
                                   timeout=120)
-    assert analyze_help.returncode == 0 and "--weight_level" in analyze_help.stdout
+    assert analyze_help.returncode == 0 and "--geometry.weight_level" in analyze_help.stdout
 
 
 def test_unknown_command_is_refused():

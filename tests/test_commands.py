@@ -3,32 +3,23 @@
 import json
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from tiny import write_config
 
 from calmwild.cli import run
 from calmwild.commands import load_datamodule
 from calmwild.data import DigitsDataModule
 from calmwild.denoisers import load_denoiser
-from calmwild.module import DiffusionModule
-from calmwild.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A 16x16 digits checkpoint after a few steps (architecture matches configs/digits.yaml's data)."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    module = DiffusionModule(UNet(img_resolution=16, in_channels=1, model_channels=16, channel_mult=(1, 2),
-                                  num_blocks=1, attn_resolutions=(), dropout=0.0))
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=path.parent)
-    trainer.fit(module, datamodule=DigitsDataModule(num_train=64, num_heldout=32, batch_size=32))
-    trainer.save_checkpoint(path)
-    return path
+def tiny_data(tmp_path_factory) -> str:
+    """The data of the tiny checkpoint (conftest's ``tiny_checkpoint``): the tiny config, 8x8 digits."""
+    return str(write_config(tmp_path_factory.mktemp("data") / "tiny.yaml"))
 
 
 def test_load_datamodule_accepts_fit_config_and_class_path():
@@ -42,7 +33,7 @@ def test_load_datamodule_accepts_fit_config_and_class_path():
 
 def test_sample_with_empirical_denoiser_memorizes(tmp_path):
     report = run(["sample", "--out", str(tmp_path / "s"), "--ckpt", "empirical", "--data", DIGITS,
-                  "--num", "12", "--steps", "18"])
+                  "--num", "12", "--sampling.steps", "18"])
     assert report["memorization"]["rate"] == 1.0
     saved = json.loads((tmp_path / "s" / "sample.json").read_text())
     assert saved["num_samples"] == 12 and saved["memorization"]["num_memorized"] == 12
@@ -53,12 +44,12 @@ def test_sample_with_empirical_denoiser_memorizes(tmp_path):
 
 def test_sample_in_bf16_records_the_precision_and_closed_forms_refuse_it(tmp_path, tiny_checkpoint):
     report = run(["sample", "--out", str(tmp_path / "s"), "--ckpt", str(tiny_checkpoint), "--num", "4",
-                  "--steps", "4", "--precision", "bf16"])
+                  "--sampling.steps", "4", "--sampling.precision", "bf16"])
     assert report["precision"] == "bf16" and torch.isfinite(torch.load(tmp_path / "s" / "samples.pt")).all()
     assert json.loads((tmp_path / "s" / "sample.json").read_text())["precision"] == "bf16"
-    with pytest.raises(ValueError, match="--precision bf16 applies to network checkpoints"):
+    with pytest.raises(ValueError, match="precision bf16 applies to network checkpoints"):
         run(["sample", "--out", str(tmp_path / "e"), "--ckpt", "empirical", "--data", DIGITS, "--num", "4",
-             "--precision", "bf16"])
+             "--sampling.precision", "bf16"])
 
 
 def test_sample_refuses_to_overwrite(tmp_path):
@@ -70,11 +61,11 @@ def test_sample_refuses_to_overwrite(tmp_path):
     assert (out / "keep.txt").read_text() == "precious"
 
 
-def test_swap_of_identical_checkpoints_equals_plain_sampling(tmp_path, tiny_checkpoint):
+def test_swap_of_identical_checkpoints_equals_plain_sampling(tmp_path, tiny_checkpoint, tiny_data):
     ckpt = str(tiny_checkpoint)
-    plain = run(["sample", "--out", str(tmp_path / "plain"), "--ckpt", ckpt, "--num", "4", "--steps", "6"])
+    plain = run(["sample", "--out", str(tmp_path / "plain"), "--ckpt", ckpt, "--num", "4", "--sampling.steps", "6"])
     swapped = run(["swap", "--out", str(tmp_path / "swap"), "--base", ckpt, "--other", ckpt, "--band", "medium",
-                   "--num", "4", "--steps", "6", "--data", DIGITS])
+                   "--num", "4", "--sampling.steps", "6", "--data", tiny_data])
     assert plain["num_samples"] == swapped["num_samples"] == 4
     a = torch.load(tmp_path / "plain" / "samples.pt")
     b = torch.load(tmp_path / "swap" / "samples.pt")
@@ -82,7 +73,7 @@ def test_swap_of_identical_checkpoints_equals_plain_sampling(tmp_path, tiny_chec
     assert 0.0 <= swapped["memorization"]["rate"] <= 1.0
 
 
-def test_swap_in_bf16_runs_the_checkpoint_side_in_bf16_beside_a_closed_form_side(tmp_path, tiny_checkpoint,
+def test_swap_in_bf16_runs_the_checkpoint_side_in_bf16_beside_a_closed_form_side(tmp_path, tiny_checkpoint, tiny_data,
                                                                                     monkeypatch):
     from calmwild import commands
 
@@ -95,23 +86,22 @@ def test_swap_in_bf16_runs_the_checkpoint_side_in_bf16_beside_a_closed_form_side
 
     monkeypatch.setattr(commands, "load_denoiser", recording_load)
     report = run(["swap", "--out", str(tmp_path / "s"), "--base", "empirical", "--other", str(tiny_checkpoint),
-                  "--band", "medium", "--num", "4", "--steps", "4", "--data", DIGITS, "--precision", "bf16"])
+                  "--band", "medium", "--num", "4", "--sampling.steps", "4", "--data", tiny_data,
+                  "--sampling.precision", "bf16"])
     assert report["precision"] == "bf16" and [d.precision for d in loaded] == ["bf16"]
     assert torch.isfinite(torch.load(tmp_path / "s" / "samples.pt")).all()
 
 
 def test_swap_refuses_mismatched_shapes(tmp_path, tiny_checkpoint):
-    spec = tmp_path / "d8.yaml"
-    spec.write_text("class_path: calmwild.data.DigitsDataModule\ninit_args: {resolution: 8}\n")
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="shape"):  # an 8x8 checkpoint beside 16x16 data
         run(["swap", "--out", str(tmp_path / "y"), "--base", str(tiny_checkpoint), "--other", "empirical",
-             "--data", str(spec), "--num", "2"])
+             "--data", DIGITS, "--num", "2"])
 
 
 def test_analyze_writes_geometry_report(tmp_path):
-    report = run(["analyze", "--data", DIGITS, "--out", str(tmp_path / "g"), "--num_points", "20",
-                  "--num_noises", "10", "--num_queries", "50", "--num_coverage_noises", "4", "--num_pairs", "500",
-                  "--sigmas", "[0.01, 0.1, 0.3, 1.0, 3.0, 10.0]"])
+    report = run(["analyze", "--data", DIGITS, "--out", str(tmp_path / "g"), "--geometry.num_points", "20",
+                  "--geometry.num_noises", "10", "--geometry.num_queries", "50", "--geometry.num_coverage_noises", "4",
+                  "--geometry.num_pairs", "500", "--sigmas", "[0.01, 0.1, 0.3, 1.0, 3.0, 10.0]"])
     saved = json.loads((tmp_path / "g" / "geometry.json").read_text())
     assert saved["sigmas"] == pytest.approx([0.01, 0.1, 0.3, 1.0, 3.0, 10.0])
     assert saved["max_weight"]["mean"][0] > 0.99 and saved["coverage"]["mean"][-1] > 0.99

@@ -47,6 +47,8 @@ def pil_reference(path: Path, resolution: int | None = None, grayscale: bool = F
 
 
 # ----- digits (embedded default) ------------------------------------------------------------------------------------
+
+
 def test_digits_split_matches_sklearn_first_and_last():
     dm = DigitsDataModule(num_train=300, num_heldout=400, resolution=8, batch_size=32)
     dm.setup()
@@ -116,6 +118,8 @@ def test_describe_is_json_and_hash_is_uint8_sha256():
 
 
 # ----- loader: fixed batches, seeded and resumable order ------------------------------------------------------------
+
+
 def test_loader_fixed_batches_and_seeded_epoch_order():
     dm = DigitsDataModule(num_train=100, num_heldout=10, resolution=8, batch_size=32, seed=5)
     dm.setup()
@@ -172,6 +176,8 @@ def test_lightning_calls_set_epoch_so_each_epoch_has_its_seeded_order(tmp_path):
 
 
 # ----- shared validation --------------------------------------------------------------------------------------------
+
+
 class _Given(InMemoryImageDataModule):
     """A datamodule serving fixed tensors, to exercise the shared checks."""
 
@@ -215,6 +221,8 @@ def test_checkpoint_state_warns_when_the_training_set_changed():
 
 
 # ----- image folder -------------------------------------------------------------------------------------------------
+
+
 def _write_pngs(folder: Path, count: int, size=(6, 4), seed: int = 0) -> list[Path]:
     rng = np.random.default_rng(seed)
     paths = []
@@ -290,6 +298,8 @@ def test_image_folder_errors_name_files_and_folders(tmp_path):
 
 
 # ----- CIFAR-10 from a fake cifar-10-batches-py --------------------------------------------------------------------
+
+
 def _fake_cifar(root: Path, monkeypatch, per_batch: int = 40, test_size: int = 30) -> dict:
     """torchvision's pickle layout; image k of the training split has all pixels = k % 256 and label (7k) % 10.
     The fake files' MD5 digests replace the published ones for the test."""
@@ -379,6 +389,8 @@ def test_cifar10_download_fails_fast_when_the_server_is_silent(tmp_path, monkeyp
 
 
 # ----- CelebA -------------------------------------------------------------------------------------------------------
+
+
 def _write_faces(folder: Path, count: int, seed: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -425,6 +437,8 @@ def test_celeba_missing_names_the_path(tmp_path):
 
 
 # ----- dummy class --------------------------------------------------------------------------------------------------
+
+
 def test_dummy_class_doubles_the_served_set_with_labels():
     base = DigitsDataModule(num_train=200, num_heldout=50, resolution=8, batch_size=16)
     dm = DummyClassDataModule(base, seed=1)
@@ -459,6 +473,8 @@ def test_dummy_class_doubles_the_served_set_with_labels():
 
 
 # ----- configuration through jsonargparse (as LightningCLI exposes them) ---------------------------------------------
+
+
 def test_datamodules_are_configurable_by_class_path():
     from jsonargparse import ArgumentParser
 

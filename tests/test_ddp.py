@@ -16,20 +16,17 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from test_reliability import (  # noqa: F401  (one_torch_thread: an autouse fixture for this module too)
-    calmwild,
-    load_checkpoint,
-    one_torch_thread,
-    only_run_dir,
-    read_metrics,
-    write_config,
-)
+from tiny import calmwild, load_checkpoint, only_run_dir, read_metrics, write_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 6  # two epochs of 3 global batches of 32 (96 training images)
 GLOBAL_BATCH = 32
 
 
-# ----- test hooks --------------------------------------------------------------------------------------------------------
+# ----- test hooks -----------------------------------------------------------------------------------------------------
+
+
 class RecordBatches(Callback):
     """Saves the training batches this rank saw, and its pid, into ``folder/rank<r>.pt`` at the end of training."""
 
@@ -58,7 +55,9 @@ class FailOnRank(Callback):
             raise RuntimeError(f"test hook: rank {self.rank} fails at step {self.step}")
 
 
-# ----- helpers -------------------------------------------------------------------------------------------------------------
+# ----- helpers --------------------------------------------------------------------------------------------------------
+
+
 def ddp_config(path: Path, devices: int, callbacks: list[dict], **changes) -> Path:
     per_rank = GLOBAL_BATCH // devices
     return write_config(

@@ -15,12 +15,7 @@ from calmwild.denoisers import (
     load_denoiser,
     swap_bands_from_steps,
 )
-from calmwild.precond import EDMPrecond
 from calmwild.schedule import edm_sigma_steps
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def brute_force_posterior_mean(x: torch.Tensor, train: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -33,8 +28,10 @@ def brute_force_posterior_mean(x: torch.Tensor, train: torch.Tensor, sigma: torc
 
 
 # ---------------------------------------------------------------------------------------------- empirical
-def test_empirical_matches_brute_force_softmax_with_streaming_chunks():
-    g = _gen(0)
+
+
+def test_empirical_matches_brute_force_softmax_with_streaming_chunks(gen):
+    g = gen(0)
     train = torch.rand(37, 2, 3, 3, generator=g) * 2 - 1
     sigma = torch.tensor([0.05, 0.2, 0.5, 1.0, 3.0, 10.0, 0.1, 2.0])
     x = train[torch.arange(8) * 4] + sigma[:, None, None, None] * torch.randn(8, 2, 3, 3, generator=g)
@@ -47,8 +44,8 @@ def test_empirical_matches_brute_force_softmax_with_streaming_chunks():
                                rtol=0, atol=2e-5)
 
 
-def test_empirical_limits_nearest_image_and_mean():
-    g = _gen(1)
+def test_empirical_limits_nearest_image_and_mean(gen):
+    g = gen(1)
     train = torch.rand(25, 1, 4, 4, generator=g) * 2 - 1
     x = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1
     den = EmpiricalDenoiser(train, chunk_size=7)
@@ -78,15 +75,17 @@ def test_empirical_device_dtype_and_shape_checks():
 
 
 # ---------------------------------------------------------------------------------------------- gaussian
+
+
 def _random_cov(d: int, g: torch.Generator, rank: int | None = None) -> torch.Tensor:
     a = torch.randn(d, rank or d, generator=g, dtype=torch.float64)
     return a @ a.T / (rank or d)
 
 
-def test_gaussian_equals_bayes_posterior_mean():
+def test_gaussian_equals_bayes_posterior_mean(gen):
     """For x0 ~ N(mu, S), x = x0 + sigma n: E[x0 | x] = (S^-1 + I/sigma^2)^-1 (S^-1 mu + x / sigma^2) (Bayes'
     rule in precision form, solved directly), which eq. 7 must reproduce."""
-    g = _gen(2)
+    g = gen(2)
     d, b = 12, 7
     mean = torch.randn(3, 2, 2, generator=g, dtype=torch.float64)
     cov = _random_cov(d, g) + 0.05 * torch.eye(d, dtype=torch.float64)
@@ -102,8 +101,8 @@ def test_gaussian_equals_bayes_posterior_mean():
     torch.testing.assert_close(den(x, sigma), expected, rtol=1e-9, atol=1e-9)
 
 
-def test_gaussian_rank_deficient_cov_and_fit():
-    g = _gen(3)
+def test_gaussian_rank_deficient_cov_and_fit(gen):
+    g = gen(3)
     d = 10
     cov = _random_cov(d, g, rank=3)  # PSD with 7 zero eigenvalues (tiny negative ones after rounding)
     mean = torch.randn(d, generator=g, dtype=torch.float64)
@@ -137,9 +136,9 @@ def test_gaussian_validation():
         GaussianDenoiser(torch.zeros(4), eye)(torch.zeros(2, 1, 3, 3), torch.ones(2))
 
 
-def test_empirical_approaches_gaussian_as_sigma_grows():
+def test_empirical_approaches_gaussian_as_sigma_grows(gen):
     """Theorem 4.11: the empirical denoiser tends to the Gaussian one with the same mean and covariance."""
-    g = _gen(4)
+    g = gen(4)
     d, n = 8, 2000
     mean = torch.randn(d, generator=g, dtype=torch.float64)
     chol = torch.linalg.cholesky(_random_cov(d, g) + 0.1 * torch.eye(d, dtype=torch.float64))
@@ -159,6 +158,8 @@ def test_empirical_approaches_gaussian_as_sigma_grows():
 
 
 # ---------------------------------------------------------------------------------------------- swap bands
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_swap_presets_cover_the_papers_steps(dtype):
     """Presets are 1-based inclusive step ranges: large 1-6, medium 7-13 (the paper's), small 14-18."""
@@ -222,19 +223,7 @@ def test_check_compatible_refuses_mismatched_shapes():
 
 
 # ---------------------------------------------------------------------------------------------- networks
-TINY_UNET = dict(img_resolution=8, in_channels=2, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-                 attn_resolutions=(4,), dropout=0.0)
-
-
-def _tiny_net(seed: int, **overrides) -> EDMPrecond:
-    from calmwild.unet import UNet
-
-    torch.manual_seed(seed)
-    net = EDMPrecond(UNet(**{**TINY_UNET, **overrides}), sigma_data=0.5)
-    with torch.no_grad():  # perturb every weight so that zero-initialised output layers do not hide mismatches
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net
+NET = dict(in_channels=2, model_channels=8)  # the tiny network of conftest with two image channels
 
 
 def _save_checkpoint(path, live, ema, meta_overrides=None, sample_class=None):
@@ -247,14 +236,13 @@ def _save_checkpoint(path, live, ema, meta_overrides=None, sample_class=None):
     torch.save({"state_dict": state, "calmwild": meta, "global_step": 7, "epoch": 1}, path)
 
 
-def test_load_denoiser_restores_the_ema_network(tmp_path):
-    pytest.importorskip("calmwild.unet")
-    live, ema = _tiny_net(0), _tiny_net(1)
+def test_load_denoiser_restores_the_ema_network(tmp_path, gen, tiny_net):
+    live, ema = tiny_net(0, **NET), tiny_net(1, **NET)
     path = tmp_path / "model.ckpt"
     _save_checkpoint(path, live, ema)
     den = load_denoiser(path)
     assert isinstance(den, NetworkDenoiser) and den.image_shape == (2, 8, 8)
-    x = torch.randn(3, 2, 8, 8, generator=_gen(5))
+    x = torch.randn(3, 2, 8, 8, generator=gen(5))
     sigma = torch.tensor([0.1, 1.0, 20.0])
     ema.eval()
     with torch.no_grad():
@@ -264,12 +252,11 @@ def test_load_denoiser_restores_the_ema_network(tmp_path):
     assert not torch.allclose(live_out, expected, atol=1e-3)  # the EMA weights, not the live ones, were loaded
 
 
-def test_network_denoiser_class_label_and_mode():
-    pytest.importorskip("calmwild.unet")
-    net = _tiny_net(2, num_classes=3, dropout=0.5)
+def test_network_denoiser_class_label_and_mode(gen, tiny_net):
+    net = tiny_net(2, **NET, num_classes=3, dropout=0.5)
     net.train()
     den = NetworkDenoiser(net, class_label=1)
-    x = torch.randn(2, 2, 8, 8, generator=_gen(6))
+    x = torch.randn(2, 2, 8, 8, generator=gen(6))
     sigma = torch.tensor([0.5, 2.0])
     out = den(x, sigma)
     assert net.training  # the caller's mode is restored
@@ -283,13 +270,12 @@ def test_network_denoiser_class_label_and_mode():
         NetworkDenoiser(torch.nn.Linear(2, 2))
 
 
-def test_bf16_precision_rounds_the_network_but_keeps_the_skip_path_in_float32(tmp_path):
+def test_bf16_precision_rounds_the_network_but_keeps_the_skip_path_in_float32(tmp_path, gen, tiny_net):
     """Under bf16 autocast the network output F changes by bf16 rounding (relative ~2^-8), while D = c_skip x +
     c_out F keeps x in float32: at sigma = 0.002, c_out = 0.002, so D moves by far less than a bf16 rounding of x
     (|x| 2^-8 ~ 1e-2) would cause. At sigma = 1 (c_out ~ 0.45) the change is of bf16 size, not zero."""
-    pytest.importorskip("calmwild.unet")
-    net = _tiny_net(3).eval()
-    x = torch.randn(4, 2, 8, 8, generator=_gen(7))
+    net = tiny_net(3, **NET).eval()
+    x = torch.randn(4, 2, 8, 8, generator=gen(7))
     fp32, bf16 = NetworkDenoiser(net), NetworkDenoiser(net, precision="bf16")
     small, large = torch.full((4,), 0.002), torch.full((4,), 1.0)
     assert bf16(x, small).dtype == torch.float32 and bf16(x.double(), small).dtype == torch.float64
@@ -322,15 +308,14 @@ def test_load_denoiser_errors(tmp_path):
         load_denoiser(future)
 
 
-def test_load_denoiser_refuses_mismatched_weights(tmp_path):
-    pytest.importorskip("calmwild.unet")
-    small = _tiny_net(3)
-    wide = _tiny_net(4, model_channels=16)
+def test_load_denoiser_refuses_mismatched_weights(tmp_path, tiny_net):
+    small = tiny_net(3, **NET)
+    wide = tiny_net(4, **{**NET, 'model_channels': 16})
     path = tmp_path / "mismatch.ckpt"
     _save_checkpoint(path, wide, wide, meta_overrides={"unet": dict(small.backbone.config)})
     with pytest.raises(ValueError, match=r"mismatch\.ckpt: EMA weights do not match"):
         load_denoiser(path)
-    deeper = _tiny_net(5, num_blocks=2)
+    deeper = tiny_net(5, **NET, num_blocks=2)
     _save_checkpoint(path, deeper, deeper, meta_overrides={"unet": dict(small.backbone.config)})
     with pytest.raises(ValueError, match=r"unexpected"):
         load_denoiser(path)

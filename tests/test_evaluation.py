@@ -2,27 +2,18 @@
 computations (nearest-neighbour distances by explicit differences, FID with scipy's sqrtm)."""
 
 import json
-import math
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from matplotlib.figure import Figure
 
 from calmwild.denoisers import EmpiricalDenoiser, GaussianDenoiser
-from calmwild.evaluation import (
-    EVALUATION_KEYS,
-    PLOT_FILES,
-    check_sigmas,
-    evaluate_denoiser,
-    memorization_report,
-    plot_sigma_curves,
-    sigma_key,
-)
+from calmwild.checks import sigma_key
+from calmwild.evaluation import EVALUATION_KEYS, PLOT_FILES, evaluate_denoiser
 from calmwild.fid import build_feature_extractor, extract_features
-from calmwild.memorization import RatioTestResult, summarize_ratio_tests
 from calmwild.sampling import generate
+from calmwild.settings import FIDSettings, PerSigmaSettings, SamplingSettings
 
 SIGMAS = [80.0, 2.0, 0.05, 0.002]
 SHAPE = (1, 6, 6)
@@ -35,11 +26,13 @@ def _data(seed: int = 0, num_train: int = 24, num_heldout: int = 20):
     return train, heldout
 
 
-def _evaluate(denoiser, train, heldout, out, **kwargs):
-    settings = dict(sigmas=SIGMAS, num_images=16, num_noises=2, num_samples=32, steps=8, batch_size=16,
-                    progress=False)
-    settings.update(kwargs)
-    return evaluate_denoiser(denoiser, train, heldout, out, **settings)
+def _evaluate(denoiser, train, heldout, out, num_noises=2, num_samples=32, fid_feature="random"):
+    return evaluate_denoiser(
+        denoiser, train, heldout, out,
+        per_sigma=PerSigmaSettings(sigmas=SIGMAS, num_images=16, num_noises=num_noises, batch_size=16),
+        sampling=SamplingSettings(steps=8, batch_size=16), num_samples=num_samples,
+        fid=None if fid_feature is None else FIDSettings(feature_extractor=fid_feature), progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +89,6 @@ def test_per_sigma_memorization_of_empirical_denoiser(empirical_report):
     assert report["metrics"]["mem/peak_sigma"] == section["peak_sigma"]
 
 
-def test_peak_sigma_is_undefined_without_memorization():
-    flags = torch.zeros(len(SIGMAS), 5, dtype=torch.bool)
-    tests = RatioTestResult(flags, torch.ones(flags.shape), torch.zeros(flags.shape, dtype=torch.long),
-                            torch.ones(flags.shape), torch.ones(flags.shape))
-    section, metrics = memorization_report(summarize_ratio_tests(SIGMAS, tests, torch.arange(5), 1, 1 / 3))
-    assert section["peak_rate"] == 0.0 and math.isnan(section["peak_sigma"]) and math.isnan(metrics["mem/peak_sigma"])
-
-
 def test_trajectory_memorization_and_fid_match_independent_computation(empirical_report):
     train, _, _, report = empirical_report
     assert report["trajectory_memorization"]["rate"] >= 0.95
@@ -126,23 +111,12 @@ def test_gaussian_denoiser_does_not_memorize(tmp_path):
     assert report["fid"] is None and "fid/value" not in report["metrics"]
 
 
-def test_sigma_naming_and_validation(tmp_path):
-    assert [sigma_key(s) for s in (80.0, 0.5943, 0.002, 12.912)] == ["sigma_80", "sigma_0.594", "sigma_0.002",
-                                                                       "sigma_12.9"]
-    assert len(check_sigmas(None)) == 18 and check_sigmas(None)[0] == pytest.approx(80.0)
-    with pytest.raises(ValueError, match="distinct at 3 significant digits"):
-        check_sigmas([1.0001, 1.0002])
-    with pytest.raises(ValueError, match="finite positive"):
-        check_sigmas([1.0, -2.0])
+def test_bad_settings_are_refused(tmp_path):
     train, heldout = _data()
     denoiser = EmpiricalDenoiser(train)
-    with pytest.raises(ValueError, match="fid_feature"):
+    with pytest.raises(ValueError, match="feature_extractor"):
         _evaluate(denoiser, train, heldout, tmp_path, fid_feature="vgg")
     with pytest.raises(ValueError, match="num_samples"):
         _evaluate(denoiser, train, heldout, tmp_path, num_samples=1)
     with pytest.raises(ValueError, match="differ in shape"):
         _evaluate(denoiser, train, heldout[:, :, :4], tmp_path)
-    with pytest.raises(ValueError, match="3 values for 4 sigmas"):
-        plot_sigma_curves(SIGMAS, {"x": ([1.0, 2.0, 3.0], None)}, "y", "t")
-    assert isinstance(plot_sigma_curves(SIGMAS, {"x": ([1.0, 2.0, 3.0, 4.0], [0.1] * 4)}, "y", "t", log_y=True),
-                      Figure)

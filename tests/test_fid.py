@@ -31,12 +31,8 @@ from calmwild.fid import (
 )
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _images(n: int, seed: int, channels: int = 3, size: int = 8) -> torch.Tensor:
-    return torch.rand(n, channels, size, size, generator=_gen(seed)) * 2 - 1
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 class CountingFeatures(RandomConvFeatures):
@@ -52,6 +48,8 @@ class CountingFeatures(RandomConvFeatures):
 
 
 # ------------------------------------------------------------------------------------------------ Frechet distance
+
+
 def test_frechet_distance_of_diagonal_gaussians_matches_closed_form():
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
@@ -104,6 +102,8 @@ def test_feature_statistics_matches_numpy():
 
 
 # ------------------------------------------------------------------------------------------------ extractors and FID
+
+
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift():
     extractor = RandomConvFeatures(3, dim=32, seed=0)
     images = _images(120, 0)
@@ -154,6 +154,8 @@ def test_to_uint8_quantises_the_unit_range():
 
 
 # ------------------------------------------------------------------------------------------------ cache
+
+
 def test_reference_cache_is_hit_keyed_by_content_and_survives_corruption(tmp_path):
     extractor = CountingFeatures(3, seed=0)
     images = _images(30, 4)
@@ -202,6 +204,8 @@ def test_reference_name_must_be_a_plain_prefix(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ Inception offline
+
+
 def _offline(*args, **kwargs):
     raise OSError("network is unreachable")
 

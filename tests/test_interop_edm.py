@@ -131,5 +131,5 @@ def test_import_writes_safetensors_that_sample_like_the_torch_file(tmp_path):
     import_edm_network(tmp_path / "net.pkl", tmp_path / "net.ckpt")
     assert read_checkpoint(tmp_path / "net.safetensors")["calmwild"]["provenance"]["file"] == "net.pkl"
     x, s = torch.randn(2, 2, 8, 8), torch.tensor([0.3, 3.0])
-    torch.testing.assert_close(load_denoiser(tmp_path / "net.safetensors")(x, s), load_denoiser(tmp_path / "net.ckpt")(x, s),
-                               rtol=0, atol=0)
+    from_safetensors, from_ckpt = load_denoiser(tmp_path / "net.safetensors"), load_denoiser(tmp_path / "net.ckpt")
+    torch.testing.assert_close(from_safetensors(x, s), from_ckpt(x, s), rtol=0, atol=0)

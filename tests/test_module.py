@@ -9,15 +9,16 @@ from calmwild.data import DigitsDataModule
 from calmwild.denoisers import load_denoiser
 from calmwild.module import DiffusionModule, step_seed
 from calmwild.sigma import Gap, LogNormal
-from calmwild.unet import UNet
 
-TINY = dict(img_resolution=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
-            attn_resolutions=(), dropout=0.0)
+@pytest.fixture
+def tiny_module(tiny_unet):
+    """``tiny_module(**kwargs)``: a DiffusionModule around conftest's tiny U-Net (without attention)."""
 
+    def make(**kwargs) -> DiffusionModule:
+        kwargs.setdefault("lr", 2e-3)
+        return DiffusionModule(tiny_unet(attn_resolutions=()), **kwargs)
 
-def tiny_module(**kwargs) -> DiffusionModule:
-    kwargs.setdefault("lr", 2e-3)
-    return DiffusionModule(UNet(**TINY), **kwargs)
+    return make
 
 
 def tiny_trainer(tmp_path, max_steps: int, **kwargs) -> pl.Trainer:
@@ -45,7 +46,7 @@ def fixed_probe_loss(module: DiffusionModule, images: torch.Tensor) -> float:
     return float((weight * ((d - x0) ** 2).mean(dim=(1, 2, 3))).mean())
 
 
-def test_loss_decreases_on_a_tiny_subset(tmp_path):
+def test_loss_decreases_on_a_tiny_subset(tmp_path, tiny_module):
     data = digits()
     data.setup("fit")
     module = tiny_module()
@@ -55,7 +56,7 @@ def test_loss_decreases_on_a_tiny_subset(tmp_path):
     assert after < 0.6 * before, (before, after)
 
 
-def test_ema_update_matches_edm_half_life_formula():
+def test_ema_update_matches_edm_half_life_formula(tiny_module):
     module = tiny_module(ema_halflife_images=1000.0, ema_rampup_ratio=None)
     start = copy.deepcopy(module.net_ema.state_dict())
     with torch.no_grad():
@@ -68,7 +69,7 @@ def test_ema_update_matches_edm_half_life_formula():
         assert torch.allclose(module.net_ema.state_dict()[name], expected, atol=1e-6), name
 
 
-def test_ema_ramp_up_after_the_first_batch_follows_edm():
+def test_ema_ramp_up_after_the_first_batch_follows_edm(tiny_module):
     # After the first batch (64 images seen) the ramped half-life is 0.05 * 64 images, so beta = 0.5 ** 20.
     module = tiny_module(ema_halflife_images=1e6, ema_rampup_ratio=0.05)
     start = [p.detach().clone() for p in module.net_ema.parameters()]
@@ -86,7 +87,7 @@ def test_step_seeds_differ_by_step_and_rank():
     assert len(seeds) == 400
 
 
-def test_nan_loss_raises_at_the_step(tmp_path):
+def test_nan_loss_raises_at_the_step(tmp_path, tiny_module):
     data = digits()
     module = tiny_module()
     with torch.no_grad():
@@ -95,7 +96,7 @@ def test_nan_loss_raises_at_the_step(tmp_path):
         tiny_trainer(tmp_path, max_steps=5).fit(module, datamodule=data)
 
 
-def test_nan_loss_can_be_skipped(tmp_path):
+def test_nan_loss_can_be_skipped(tmp_path, tiny_module):
     data = digits()
     module = tiny_module(nan_policy="skip")
     with torch.no_grad():
@@ -104,7 +105,7 @@ def test_nan_loss_can_be_skipped(tmp_path):
     assert module.skipped_steps >= 3
 
 
-def test_gap_sampler_never_trains_inside_the_band(tmp_path, monkeypatch):
+def test_gap_sampler_never_trains_inside_the_band(tmp_path, monkeypatch, tiny_module):
     data = digits()
     module = tiny_module(sigma_sampler=Gap(LogNormal(), bands=[[0.2, 1.0]]))
     seen = []
@@ -122,7 +123,7 @@ def test_gap_sampler_never_trains_inside_the_band(tmp_path, monkeypatch):
     assert not torch.any((sig >= 0.2) & (sig <= 1.0))
 
 
-def test_checkpoint_round_trip_gives_the_ema_denoiser(tmp_path):
+def test_checkpoint_round_trip_gives_the_ema_denoiser(tmp_path, tiny_module):
     data = digits()
     module = tiny_module()
     trainer = tiny_trainer(tmp_path, max_steps=10)
@@ -140,16 +141,44 @@ def test_checkpoint_round_trip_gives_the_ema_denoiser(tmp_path):
     )
 
 
-def test_constructor_errors():
+def test_constructor_errors(tiny_module, tiny_unet):
     with pytest.raises(ValueError, match="lr must be positive"):
         tiny_module(lr=0.0)
     with pytest.raises(ValueError, match="needs sample_class"):
-        DiffusionModule(UNet(**{**TINY, "num_classes": 2}))
+        DiffusionModule(tiny_unet(attn_resolutions=(), num_classes=2))
     with pytest.raises(ValueError, match="sample_class 3"):
-        DiffusionModule(UNet(**{**TINY, "num_classes": 2}), sample_class=3)
+        DiffusionModule(tiny_unet(attn_resolutions=(), num_classes=2), sample_class=3)
 
 
-def test_sample_shape_and_range():
+def test_sample_shape_and_range(tiny_module):
     module = tiny_module()
     out = module.sample(3, seed=1, num_steps=4)
     assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_logged_sigma_quantiles_are_those_of_the_global_batch(monkeypatch):
+    """Every rank draws the whole global batch (then keeps its slice); what training_step hands to the sigma logging
+    is the global batch's sigmas, on every rank (the trial saw rank 0's slice logged)."""
+    from types import SimpleNamespace
+
+    from calmwild.module import DiffusionModule
+    from calmwild.unet import UNet
+
+    module = DiffusionModule(UNet(img_resolution=8, in_channels=1, model_channels=8, channel_mult=[1],
+                                  attn_resolutions=[], dropout=0.0))
+    logged = []
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    monkeypatch.setattr(module, "_log_sigma_histogram", lambda sigma: logged.append(sigma))
+
+    def step(world: int, rank: int, local: int):
+        strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+        module._trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=0, strategy=strategy)
+        local_draw, _, _ = module._draw_noise(torch.zeros(local, 1, 8, 8))
+        module.training_step([torch.zeros(local, 1, 8, 8)], 0)
+        return local_draw.sigma
+
+    single = step(1, 0, 4)
+    halves = [step(2, 0, 2), step(2, 1, 2)]
+    module._trainer = None
+    assert torch.equal(torch.cat(halves), single)  # the ranks' slices make up the single process's batch
+    assert len(logged) == 3 and all(torch.equal(sigma, logged[0]) for sigma in logged) and logged[0].numel() == 4

@@ -13,10 +13,6 @@ from calmwild.schedule import edm_sigma_steps
 T_MAX = 80.0
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 class CountingDenoiser:
     """Wraps a denoiser and records the sigma of every call (the sampler uses one sigma per call)."""
 
@@ -41,7 +37,7 @@ def exact_gaussian_flow(x_start: torch.Tensor, mu: torch.Tensor, s: float, t: fl
 
 
 def _gaussian_problem(s: float = 0.5, batch: int = 32):
-    g = _gen(0)
+    g = torch.Generator().manual_seed(0)
     mu = 0.3 * torch.randn(1, 4, 4, generator=g, dtype=torch.float64)
     den = GaussianDenoiser(mu, s**2 * torch.eye(16, dtype=torch.float64))
     noise = torch.randn(batch, 1, 4, 4, generator=g, dtype=torch.float64)  # float64: the denoiser runs in float64
@@ -80,8 +76,8 @@ def test_heun_final_sample_matches_exact_solution():
     torch.testing.assert_close(f32, edm_sampler(den, noise, num_steps=18).samples, rtol=1e-5, atol=1e-5)
 
 
-def test_empirical_denoiser_samples_reproduce_training_points():
-    g = _gen(1)
+def test_empirical_denoiser_samples_reproduce_training_points(gen):
+    g = gen(1)
     train = torch.rand(20, 1, 4, 4, generator=g) * 2 - 1  # d = 16
     den = EmpiricalDenoiser(train, chunk_size=8)
     samples = generate(den, 24, (1, 4, 4), seed=3, batch_size=12, progress=False)
@@ -91,9 +87,9 @@ def test_empirical_denoiser_samples_reproduce_training_points():
     assert d.argmin(dim=1).unique().numel() > 5  # and not always the same one
 
 
-def test_evaluation_counts_and_sigmas():
-    train = torch.rand(10, 1, 2, 2, generator=_gen(2))
-    noise = torch.randn(3, 1, 2, 2, generator=_gen(3))
+def test_evaluation_counts_and_sigmas(gen):
+    train = torch.rand(10, 1, 2, 2, generator=gen(2))
+    noise = torch.randn(3, 1, 2, 2, generator=gen(3))
     schedule = edm_sigma_steps(18).float().tolist()
     heun = CountingDenoiser(EmpiricalDenoiser(train))
     edm_sampler(heun, noise)
@@ -105,11 +101,11 @@ def test_evaluation_counts_and_sigmas():
     assert euler.sigmas == schedule
 
 
-def test_swap_with_identical_denoisers_is_bit_identical():
-    train = torch.rand(15, 1, 4, 4, generator=_gen(4)) * 2 - 1
+def test_swap_with_identical_denoisers_is_bit_identical(gen):
+    train = torch.rand(15, 1, 4, 4, generator=gen(4)) * 2 - 1
     base = EmpiricalDenoiser(train)
     copy = EmpiricalDenoiser(train.clone())
-    noise = torch.randn(6, 1, 4, 4, generator=_gen(5))
+    noise = torch.randn(6, 1, 4, 4, generator=gen(5))
     reference = edm_sampler(base, noise).samples
     for other in (base, copy):
         for preset in ("large", "medium", "small"):
@@ -129,11 +125,11 @@ def test_swap_with_identical_denoisers_is_bit_identical():
         ("medium", "euler", 7),
     ],
 )
-def test_swap_routes_exactly_the_chosen_steps(preset, solver, other_calls):
-    train = torch.rand(10, 1, 2, 2, generator=_gen(6))
+def test_swap_routes_exactly_the_chosen_steps(preset, solver, other_calls, gen):
+    train = torch.rand(10, 1, 2, 2, generator=gen(6))
     base = CountingDenoiser(EmpiricalDenoiser(train))
     other = CountingDenoiser(EmpiricalDenoiser(train))
-    edm_sampler(SwapDenoiser(base, other, preset), torch.randn(4, 1, 2, 2, generator=_gen(7)), solver=solver)
+    edm_sampler(SwapDenoiser(base, other, preset), torch.randn(4, 1, 2, 2, generator=gen(7)), solver=solver)
     total = 35 if solver == "heun" else 18
     assert len(other.sigmas) == other_calls and len(base.sigmas) == total - other_calls
     first, last = {"large": (1, 6), "medium": (7, 13), "small": (14, 18)}[preset]
@@ -141,22 +137,22 @@ def test_swap_routes_exactly_the_chosen_steps(preset, solver, other_calls):
     assert set(other.sigmas) == chosen and not chosen & set(base.sigmas)
 
 
-def test_churn_raises_sigma_inside_window_and_is_seeded():
-    train = torch.rand(10, 1, 2, 2, generator=_gen(8))
-    noise = torch.randn(4, 1, 2, 2, generator=_gen(9))
+def test_churn_raises_sigma_inside_window_and_is_seeded(gen):
+    train = torch.rand(10, 1, 2, 2, generator=gen(8))
+    noise = torch.randn(4, 1, 2, 2, generator=gen(9))
     den = CountingDenoiser(EmpiricalDenoiser(train))
     kwargs = dict(num_steps=10, solver="euler", s_churn=0.5, s_min=0.05, s_max=10.0)
-    first = edm_sampler(den, noise, generator=_gen(10), **kwargs).samples
+    first = edm_sampler(den, noise, generator=gen(10), **kwargs).samples
     gamma = min(0.5 / 10, math.sqrt(2) - 1)
     expected = [t * (1 + gamma) if 0.05 <= t <= 10.0 else t for t in edm_sigma_steps(10).tolist()]
     assert den.sigmas == pytest.approx(expected, rel=1e-6)
-    assert torch.equal(edm_sampler(den, noise, generator=_gen(10), **kwargs).samples, first)
-    assert not torch.equal(edm_sampler(den, noise, generator=_gen(11), **kwargs).samples, first)
+    assert torch.equal(edm_sampler(den, noise, generator=gen(10), **kwargs).samples, first)
+    assert not torch.equal(edm_sampler(den, noise, generator=gen(11), **kwargs).samples, first)
 
 
-def test_record_returns_trajectory():
-    train = torch.rand(10, 2, 3, 3, generator=_gen(12))
-    noise = torch.randn(5, 2, 3, 3, generator=_gen(13))
+def test_record_returns_trajectory(gen):
+    train = torch.rand(10, 2, 3, 3, generator=gen(12))
+    noise = torch.randn(5, 2, 3, 3, generator=gen(13))
     out = edm_sampler(EmpiricalDenoiser(train), noise, num_steps=6, record=True)
     assert isinstance(out, SamplerOutput)
     assert out.trajectory_states.shape == (7, 5, 2, 3, 3) and out.trajectory_denoised.shape == (6, 5, 2, 3, 3)
@@ -171,15 +167,15 @@ def test_record_returns_trajectory():
     assert torch.equal(plain.samples, out.samples)
 
 
-def test_noise_for_indices_is_per_image_seeded():
+def test_noise_for_indices_is_per_image_seeded(gen):
     noise = noise_for_indices([4, 0, 9], (1, 2, 2), seed=100)
     for row, i in zip(noise, [4, 0, 9]):
-        assert torch.equal(row, torch.randn(1, 2, 2, generator=_gen(100 + i)))
+        assert torch.equal(row, torch.randn(1, 2, 2, generator=gen(100 + i)))
 
 
 @pytest.mark.parametrize("churn", [0.0, 2.0])
-def test_generate_does_not_depend_on_batch_size(churn):
-    train = torch.rand(12, 1, 3, 3, generator=_gen(14)) * 2 - 1
+def test_generate_does_not_depend_on_batch_size(churn, gen):
+    train = torch.rand(12, 1, 3, 3, generator=gen(14)) * 2 - 1
     den = GaussianDenoiser.fit(train)
     kw = dict(seed=7, progress=False, num_steps=8, s_churn=churn)
     a = generate(den, 10, (1, 3, 3), batch_size=3, **kw)
@@ -194,7 +190,7 @@ def test_generate_does_not_depend_on_batch_size(churn):
     torch.testing.assert_close(out.samples, a, rtol=0, atol=1e-6)
 
 
-def test_sampler_errors():
+def test_sampler_errors(gen):
     den = GaussianDenoiser(torch.zeros(4), torch.eye(4))
     noise = torch.zeros(2, 1, 2, 2)
     with pytest.raises(ValueError, match="num_steps must be an integer >= 1, got 0"):
@@ -204,7 +200,7 @@ def test_sampler_errors():
     with pytest.raises(ValueError, match="s_churn"):
         edm_sampler(den, noise, s_churn=-1.0)
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
-        edm_sampler(den, torch.zeros(3, 1, 2, 2), s_churn=1.0, generator=[_gen(0), _gen(1)])
+        edm_sampler(den, torch.zeros(3, 1, 2, 2), s_churn=1.0, generator=[gen(0), gen(1)])
     with pytest.raises(ValueError, match="num must be an integer >= 1, got 0"):
         generate(den, 0, (1, 2, 2), progress=False)
     with pytest.raises(ValueError, match=r"image_shape must be three positive ints.*\(2, 2\)"):
@@ -212,4 +208,4 @@ def test_sampler_errors():
     with pytest.raises(ValueError, match="batch_size"):
         generate(den, 1, (1, 2, 2), batch_size=0, progress=False)
     with pytest.raises(ValueError, match="seed"):
-        generate(den, 1, (1, 2, 2), progress=False, generator=_gen(0))
+        generate(den, 1, (1, 2, 2), progress=False, generator=gen(0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 from scipy import stats
 
 from calmwild.schedule import sigma_to_timestep
+from calmwild.settings import GeometrySettings
 from calmwild.sigma import DangerZoneGap, DDPMUniform, Gap, LogNormal, Reweighted, SigmaSampler
 
 N_DRAWS = 100_000
@@ -28,7 +30,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def numpy_ddpm_sigmas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-    """sigma_t = sqrt((1 - abar_t) / abar_t), abar_t = prod_{s<=t} (1 - beta_s), beta linear (PAPER_NOTES 4)."""
+    """sigma_t = sqrt((1 - abar_t) / abar_t), abar_t = prod_{s<=t} (1 - beta_s), beta linear (Ho et al. 2020)."""
     abar = np.cumprod(1.0 - np.linspace(beta_start, beta_end, T))
     return np.sqrt((1.0 - abar) / abar)
 
@@ -54,6 +56,8 @@ def gapped_normal_cdf(x: np.ndarray, mu: float, sd: float, log_bands: list[tuple
 
 
 # ------------------------------------------------------------------------------------------- base distributions
+
+
 @pytest.mark.parametrize("p_mean,p_std", [(-1.2, 1.2), (0.4, 0.3)])
 def test_lognormal_matches_normal_in_log_sigma(p_mean, p_std):
     draw = LogNormal(p_mean, p_std).sample(N_DRAWS, gen(1))
@@ -86,6 +90,8 @@ def test_ddpm_uniform_atoms_and_chi_square():
 
 
 # --------------------------------------------------------------------------------------------------------- Gap
+
+
 def test_gap_lognormal_matches_truncated_normal():
     band = (0.2, 0.8)
     sampler = Gap(LogNormal(-1.2, 1.2), [list(band)])
@@ -134,7 +140,7 @@ def test_gap_timestep_band_on_lognormal_against_numpy_schedule():
     sampler = Gap(LogNormal(), [CELEBA_BAND], unit="timestep")
     sig = numpy_ddpm_sigmas()
     lo, hi = sig[99], sig[349]
-    assert 0.3 < lo < 0.4 and 1.4 < hi < 1.8  # PAPER_NOTES 4: t=100 -> ~0.34, t=350 -> ~1.6
+    assert 0.3 < lo < 0.4 and 1.4 < hi < 1.8  # paper Section 5: t=100 -> ~0.34, t=350 -> ~1.6
     removed = stats.norm.cdf((math.log(hi) + 1.2) / 1.2) - stats.norm.cdf((math.log(lo) + 1.2) / 1.2)
     assert sampler.kept_mass == pytest.approx(1.0 - removed, abs=1e-12)
     s = sampler.sample(N_DRAWS, gen(5)).sigma.double().numpy()
@@ -189,6 +195,8 @@ def test_gap_passes_base_weight_through():
 
 
 # -------------------------------------------------------------------------------------------------- Reweighted
+
+
 def test_reweighted_keeps_base_distribution_and_sets_factors():
     base = LogNormal()
     sampler = Reweighted(base, [[0.5, 1.0]], factors=0.1)
@@ -231,6 +239,8 @@ def test_reweighted_timestep_band_on_ddpm_weights_exactly_its_atoms():
 
 
 # ----------------------------------------------------------------------------------------- cdf / quantile / mass
+
+
 @pytest.mark.parametrize(
     "sampler,bands",
     [
@@ -314,6 +324,8 @@ def test_mass():
 
 
 # ---------------------------------------------------------------------------------------------- construction
+
+
 @pytest.mark.parametrize(
     "build,pattern",
     [
@@ -349,6 +361,8 @@ def test_mass():
         (lambda: Gap(LogNormal(), [[0.1, math.nan]]), r"non-finite"),
     ],
 )
+
+
 def test_construction_errors(build, pattern):
     with pytest.raises(ValueError, match=pattern):
         build()
@@ -357,7 +371,7 @@ def test_construction_errors(build, pattern):
 def test_type_errors():
     with pytest.raises(TypeError, match="dict"):
         Gap({"class": "LogNormal"}, [[0.1, 0.2]])
-    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="n must be an integer >= 1, got 0"):
         LogNormal().sample(0, gen())
 
 
@@ -409,6 +423,8 @@ def test_describe_has_no_timestep_outside_the_ddpm_range():
 
 
 # ---------------------------------------------------------------- more Gap distributions (both units, both bases)
+
+
 def test_gap_ddpm_sigma_band_chi_square():
     """A sigma band on DDPMUniform drops exactly the atoms with sigma_t inside it (numpy schedule)."""
     sig = numpy_ddpm_sigmas()
@@ -433,6 +449,8 @@ def test_gap_lognormal_timestep_band_ks():
 
 
 # ------------------------------------------------------------------------------------------ atoms / probs
+
+
 def test_discrete_wrappers_expose_atoms_and_probs():
     sig = numpy_ddpm_sigmas()
     gap = Gap(DDPMUniform(), [CELEBA_BAND], unit="timestep")
@@ -450,6 +468,8 @@ def test_discrete_wrappers_expose_atoms_and_probs():
 
 @pytest.mark.parametrize("sampler", [LogNormal(), Gap(LogNormal(), [[0.2, 0.8]]),
                                      Reweighted(LogNormal(), [[0.2, 0.8]], factors=0.5)])
+
+
 def test_continuous_samplers_have_no_atoms(sampler):
     assert not sampler.is_discrete
     with pytest.raises(TypeError, match="continuous"):
@@ -460,6 +480,8 @@ def test_continuous_samplers_have_no_atoms(sampler):
 
 @pytest.mark.parametrize("sampler", [LogNormal(), DDPMUniform(), Gap(DDPMUniform(), [CELEBA_BAND], unit="timestep"),
                                      Gap(LogNormal(), [[0.2, 0.8]])], ids=lambda s: s.describe()["class"])
+
+
 @pytest.mark.parametrize("u,shown", [(0.0, "0.0"), (1.5, "1.5"), (-0.25, "-0.25"), (math.nan, "nan")])
 def test_quantile_rejects_levels_outside_unit_interval(sampler, u, shown):
     with pytest.raises(ValueError, match=rf"\(0, 1\], got \[{shown}\]"):
@@ -467,6 +489,8 @@ def test_quantile_rejects_levels_outside_unit_interval(sampler, u, shown):
 
 
 # ------------------------------------------------------------------------------------- LightningCLI YAML
+
+
 def _instantiate(yaml_text: str) -> SigmaSampler:
     """Build a sampler from YAML the way LightningCLI does (jsonargparse class_path / init_args)."""
     jsonargparse = pytest.importorskip("jsonargparse")
@@ -508,7 +532,7 @@ sigma_sampler:
 
 
 # ---------------------------------------------------------------------------------------------- DangerZoneGap
-FAST_ZONE = dict(num_levels=16, num_points=32, num_noises=8, num_queries=32, num_coverage_noises=8)
+FAST_ZONE = GeometrySettings(num_levels=16, num_points=32, num_noises=8, num_queries=32, num_coverage_noises=8)
 
 
 def sphere_points(n: int, d: int, generator: torch.Generator, radius: float = 1.0) -> torch.Tensor:
@@ -524,13 +548,13 @@ def sphere_data():
 
 @pytest.fixture(scope="module")
 def prepared_zone(sphere_data):
-    sampler = DangerZoneGap(LogNormal(), margin=1.2, **FAST_ZONE)
+    sampler = DangerZoneGap(LogNormal(), FAST_ZONE, margin=1.2)
     record = sampler.prepare(*sphere_data)
     return sampler, record
 
 
 def test_danger_zone_gap_needs_prepare():
-    sampler = DangerZoneGap(LogNormal(), **FAST_ZONE)
+    sampler = DangerZoneGap(LogNormal(), FAST_ZONE)
     with pytest.raises(RuntimeError, match="call prepare"):
         sampler.sample(10, gen())
     for call in (lambda: sampler.cdf(1.0), lambda: sampler.cdf_below(1.0), lambda: sampler.kept_mass,
@@ -560,7 +584,7 @@ def test_danger_zone_gap_band_from_sphere_data(prepared_zone):
 def test_danger_zone_gap_state_round_trip(prepared_zone):
     sampler, _ = prepared_zone
     state = json.loads(json.dumps(sampler.state_dict()))
-    restored = DangerZoneGap(LogNormal(), margin=1.2, **FAST_ZONE)
+    restored = DangerZoneGap(LogNormal(), FAST_ZONE, margin=1.2)
     restored.load_state_dict(state)
     assert restored.bands.sigma == sampler.bands.sigma
     assert restored.kept_mass == sampler.kept_mass
@@ -580,13 +604,13 @@ def _far_heldout_data():
 
 
 def test_danger_zone_gap_empty_zone_names_levels():
-    sampler = DangerZoneGap(LogNormal(), weight_level=0.4, coverage_level=0.6, **FAST_ZONE)
+    sampler = DangerZoneGap(LogNormal(), replace(FAST_ZONE, weight_level=0.4, coverage_level=0.6))
     with pytest.raises(ValueError, match=r"empty at weight_level=0\.4 and coverage_level=0\.6"):
         sampler.prepare(*_far_heldout_data())
 
 
 def test_danger_zone_gap_crossing_fallback():
-    sampler = DangerZoneGap(LogNormal(), margin=1.5, if_empty="crossing", **FAST_ZONE)
+    sampler = DangerZoneGap(LogNormal(), FAST_ZONE, margin=1.5, if_empty="crossing")
     sampler.prepare(*_far_heldout_data())
     assert sampler.zone["empty"] is True
     crossing = sampler.zone["crossing"]["sigma"]
@@ -595,17 +619,19 @@ def test_danger_zone_gap_crossing_fallback():
 
 
 @pytest.mark.parametrize(
-    "kwargs,pattern",
+    "geometry,kwargs,pattern",
     [
-        (dict(weight_level=1.0), r"weight_level must lie in \(0, 1\), got 1\.0"),
-        (dict(coverage_level=0.0), r"coverage_level must lie in \(0, 1\), got 0\.0"),
-        (dict(margin=0.5), r"margin must be >= 1.*got 0\.5"),
-        (dict(if_empty="skip"), r"'skip'"),
+        (dict(weight_level=1.0), {}, r"weight_level must lie in \(0, 1\), got 1\.0"),
+        (dict(coverage_level=0.0), {}, r"coverage_level must lie in \(0, 1\), got 0\.0"),
+        ({}, dict(margin=0.5), r"margin must be >= 1.*got 0\.5"),
+        ({}, dict(if_empty="skip"), r"'skip'"),
     ],
 )
-def test_danger_zone_gap_construction_errors(kwargs, pattern):
+
+
+def test_danger_zone_gap_construction_errors(geometry, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
-        DangerZoneGap(LogNormal(), **kwargs)
+        DangerZoneGap(LogNormal(), GeometrySettings(**geometry), **kwargs)
 
 
 def test_timestep_bands_given_as_sigma_are_refused_as_unit_mistakes():

@@ -49,7 +49,7 @@ def test_output_shape(cfg):
 
 
 def test_cifar_config_matches_edm_ddpmpp_size():
-    # EDM reports 55.7M parameters for DDPM++ on CIFAR-10 (PAPER_NOTES 6); Gu et al. report 35.1M with 2 blocks.
+    # EDM reports 55.7M parameters for DDPM++ on CIFAR-10 (Karras et al. 2022); Gu et al. report 35.1M with 2 blocks.
     torch.manual_seed(0)
     n = count_parameters(UNet(**CIFAR))
     assert 54e6 < n < 58e6

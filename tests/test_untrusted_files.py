@@ -57,7 +57,7 @@ def tiny_data(tmp_path: Path) -> Path:
 def test_commands_refuse_a_payload_checkpoint(tmp_path, capsys, payload, tiny_checkpoint, role):
     path, marker = payload
     out = tmp_path / "out"
-    common = ["--out", str(out), "--num", "2", "--steps", "1"]
+    common = ["--out", str(out), "--num", "2", "--sampling.steps", "1"]
     args = {
         "sample": ["sample", "--ckpt", str(path), *common],
         "evaluate": ["evaluate", "--ckpt", str(path), "--data", str(tiny_data(tmp_path)), "--out", str(out)],

@@ -8,13 +8,14 @@ two-level U-Net, CSV logs, a checkpoint every 4 steps. ``in_process_fit`` runs `
 from __future__ import annotations
 
 import csv
-import sys
-import time
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
@@ -168,8 +169,6 @@ def run_command(args: list[str]) -> tuple[BaseException | None, str]:
     return None, stderr.getvalue()
 
 
-
-
 class PoisonFrom(Callback):
     """Test hook (class path ``tiny.PoisonFrom``): from global step ``step`` on, the first image of every batch is
     NaN (in place, after the datamodule's checks), so every later loss is non-finite."""
@@ -235,3 +234,49 @@ class SlowSaves(Callback):
             return None
 
         torch.save = slow_save
+
+
+class HangAtStep(Callback):
+    """Before training step ``step`` (0-based global step) writes ``marker`` and sleeps, so that the test can kill the
+    process at a known point: steps 0..step-1 are done and logged, later steps are not."""
+
+    def __init__(self, step: int, marker: str, seconds: float = 300.0):
+        self.step, self.marker, self.seconds = step, marker, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            Path(self.marker).write_text(str(trainer.global_step))
+            time.sleep(self.seconds)
+
+
+class PoisonBatch(Callback):
+    """Overwrites the first image of the batch of global step ``step`` with ``value`` (NaN by default) in place, after
+    the datamodule's checks: the loss of that step is non-finite."""
+
+    def __init__(self, step: int, value: float = float("nan")):
+        self.step, self.value = step, value
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            batch[0][0].fill_(self.value)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a: dict, b: dict, prefix: str) -> int:
+    keys = sorted(k for k in a if k.startswith(prefix))
+    assert keys and keys == sorted(k for k in b if k.startswith(prefix))
+    for key in keys:
+        assert torch.equal(a[key], b[key]), f"{key} differs: max |diff| {float((a[key] - b[key]).abs().max())}"
+    return len(keys)
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return sorted(int(row["step"]) for row in read_metrics(run_dir) if row.get("train/loss"))
+
+
+def sampler(class_path: str, **init_args) -> dict:
+    """A sigma sampler's config entry: ``calmwild.sigma.<class_path>`` with ``init_args``."""
+    return {"class_path": f"calmwild.sigma.{class_path}", "init_args": init_args}

@@ -16,25 +16,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from calmwild.checks import check_count
 from calmwild.data.convert import content_hash
 
 LoadedImages = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-
-
-def check_count(name: str, value: int | None, allow_none: bool = False, minimum: int = 1) -> None:
-    """A count argument must be an int >= ``minimum`` (or None where allowed); TypeError/ValueError naming it."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def check_subset(name: str, requested: int, available: int, where: str) -> None:
-    """A subset of ``requested`` images cannot be taken from ``available``: ValueError naming both numbers."""
-    if requested > available:
-        raise ValueError(f"{name} = {requested} exceeds the {available} images available in {where}")
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -67,8 +52,8 @@ class EpochSeededSampler(DistributedSampler):
 
     def __init__(self, data_source: TensorDataset, seed: int = 0, batch_size: int = 1, num_replicas: int = 1,
                  rank: int = 0):
-        check_count("batch_size", batch_size)
-        check_count("num_replicas", num_replicas)
+        check_count(batch_size, "batch_size")
+        check_count(num_replicas, "num_replicas")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank}")
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -185,9 +170,9 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
 
     def __init__(self, batch_size: int = 512, num_workers: int = 0, seed: int = 0, pin_memory: bool = False):
         super().__init__()
-        check_count("batch_size", batch_size)
-        check_count("num_workers", num_workers, minimum=0)
-        check_count("seed", seed, minimum=0)
+        check_count(batch_size, "batch_size")
+        check_count(num_workers, "num_workers", 0)
+        check_count(seed, "seed", 0)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed

@@ -7,7 +7,8 @@ from typing import Literal
 
 from torchvision.datasets import CelebA
 
-from calmwild.data.base import InMemoryImageDataModule, LoadedImages, check_count, check_subset
+from calmwild.checks import check_count, check_subset
+from calmwild.data.base import InMemoryImageDataModule, LoadedImages
 from calmwild.data.download import download_or_explain
 from calmwild.data.files import list_image_files, load_image_files
 
@@ -74,9 +75,9 @@ class CelebADataModule(InMemoryImageDataModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_count("num_train", num_train)
-        check_count("num_heldout", num_heldout)
-        check_count("resolution", resolution)
+        check_count(num_train, "num_train")
+        check_count(num_heldout, "num_heldout")
+        check_count(resolution, "resolution")
         if source not in ("torchvision", "folder"):
             raise ValueError(f"source must be 'torchvision' or 'folder', got {source!r}")
         if download and source == "folder":
@@ -131,14 +132,15 @@ class CelebADataModule(InMemoryImageDataModule):
         if self.source == "folder":
             files = list_image_files(self.root)
             check_subset(
-                f"num_train + num_heldout = {self.num_train} + {self.num_heldout}",
-                self.num_train + self.num_heldout, len(files), f"the image folder {self.root}",
+                self.num_train + self.num_heldout,
+                f"num_train + num_heldout = {self.num_train} + {self.num_heldout}", len(files),
+                f"the image folder {self.root}",
             )
             return files[: self.num_train], files[self.num_train : self.num_train + self.num_heldout]
         partition = self.folder / PARTITION_FILE
         train, test = read_partition(partition, "train"), read_partition(partition, "test")
-        check_subset("num_train", self.num_train, len(train), f"the CelebA train split ({partition})")
-        check_subset("num_heldout", self.num_heldout, len(test), f"the CelebA test split ({partition})")
+        check_subset(self.num_train, "num_train", len(train), f"the CelebA train split ({partition})")
+        check_subset(self.num_heldout, "num_heldout", len(test), f"the CelebA test split ({partition})")
         images = self.folder / IMAGE_FOLDER
         return [images / n for n in train[: self.num_train]], [images / n for n in test[: self.num_heldout]]
 

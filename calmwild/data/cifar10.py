@@ -10,7 +10,8 @@ import torch
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
-from calmwild.data.base import InMemoryImageDataModule, LoadedImages, check_count, check_subset
+from calmwild.checks import check_count, check_subset
+from calmwild.data.base import InMemoryImageDataModule, LoadedImages
 from calmwild.data.convert import uint8_to_signed
 from calmwild.data.download import download_or_explain
 from calmwild.interop.safe_pickle import NUMPY_GLOBALS, PROTOCOL2_GLOBALS, restricted_load
@@ -61,7 +62,7 @@ def select_indices(labels: np.ndarray, classes: list[int], count: int, balanced:
     ``count / len(classes)`` of each class (Gu et al.'s class-balanced subsets). Errors name the numbers."""
     if not balanced:
         candidates = np.flatnonzero(np.isin(labels, classes))
-        check_subset(name, count, len(candidates), where)
+        check_subset(count, name, len(candidates), where)
         return candidates[:count]
     if count % len(classes):
         raise ValueError(
@@ -72,7 +73,7 @@ def select_indices(labels: np.ndarray, classes: list[int], count: int, balanced:
     for c in classes:
         candidates = np.flatnonzero(labels == c)
         check_subset(
-            f"{name} / {len(classes)} classes (per class)", per_class, len(candidates), f"class {c} of {where}"
+            per_class, f"{name} / {len(classes)} classes (per class)", len(candidates), f"class {c} of {where}"
         )
         chosen.append(candidates[:per_class])
     return np.sort(np.concatenate(chosen))
@@ -113,8 +114,8 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_count("num_train", num_train)
-        check_count("num_heldout", num_heldout)
+        check_count(num_train, "num_train")
+        check_count(num_heldout, "num_heldout")
         if classes is not None and len(classes) == 0:
             raise ValueError("classes must be None (all classes) or a non-empty list")
         self.root = Path(root)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from calmwild.data.base import InMemoryImageDataModule, LoadedImages, check_count
+from calmwild.checks import check_optional_count
+from calmwild.data.base import InMemoryImageDataModule, LoadedImages
 
 DATA_CLASS = 0
 NOISE_CLASS = 1
 
 
 class DummyClassDataModule(InMemoryImageDataModule):
-    """Wraps a datamodule and adds pure-noise images as a second class (PAPER_NOTES 4, "Dummy"; Yoon et al. 2023).
+    """Wraps a datamodule and adds pure-noise images as a second class (paper Section 5, "Dummy"; Yoon et al. 2023).
 
     The real training images get label 0 and ``noise_images`` noise images label 1; the network is trained
     class-conditionally on both (``num_classes = 2``) and sampled with the data class (``sample_class = 0``).
@@ -39,7 +40,7 @@ class DummyClassDataModule(InMemoryImageDataModule):
                 f"the dummy class needs an unconditional base datamodule, got {type(base).__name__} with "
                 f"num_classes={base.num_classes}"
             )
-        check_count("noise_images", noise_images, allow_none=True)
+        check_optional_count(noise_images, "noise_images")
         super().__init__(
             batch_size=base.batch_size, num_workers=base.num_workers, seed=seed, pin_memory=base.pin_memory
         )

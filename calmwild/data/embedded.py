@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from sklearn.datasets import load_digits
 
-from calmwild.data.base import InMemoryImageDataModule, LoadedImages, check_count, check_subset
+from calmwild.checks import check_count, check_subset
+from calmwild.data.base import InMemoryImageDataModule, LoadedImages
 from calmwild.data.convert import resize_square
 
 DIGITS_MAX = 16.0  # load_digits() pixels are counts of set bits in 4x4 blocks of a 32x32 bitmap: 0..16
@@ -40,9 +41,9 @@ class DigitsDataModule(InMemoryImageDataModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_count("num_train", num_train)
-        check_count("num_heldout", num_heldout)
-        check_count("resolution", resolution)
+        check_count(num_train, "num_train")
+        check_count(num_heldout, "num_heldout")
+        check_count(resolution, "resolution")
         if resolution & (resolution - 1):
             raise ValueError(f"resolution must be a power of two, got {resolution}")
         if classes is not None:
@@ -67,8 +68,8 @@ class DigitsDataModule(InMemoryImageDataModule):
             images = images[keep]
             where = f"load_digits() restricted to classes {self.classes}"
         check_subset(
-            f"num_train + num_heldout = {self.num_train} + {self.num_heldout}",
             self.num_train + self.num_heldout,
+            f"num_train + num_heldout = {self.num_train} + {self.num_heldout}",
             len(images),
             where,
         )

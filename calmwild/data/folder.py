@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calmwild.data.base import InMemoryImageDataModule, LoadedImages, check_count, check_subset
+from calmwild.checks import check_optional_count, check_subset
+from calmwild.data.base import InMemoryImageDataModule, LoadedImages
 from calmwild.data.files import IMAGE_EXTENSIONS, list_image_files, load_image_files
 
 
@@ -45,9 +46,9 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_count("num_train", num_train, allow_none=True)
-        check_count("num_heldout", num_heldout, allow_none=True)
-        check_count("resolution", resolution, allow_none=True)
+        check_optional_count(num_train, "num_train")
+        check_optional_count(num_heldout, "num_heldout")
+        check_optional_count(resolution, "resolution")
         if heldout_root is None and num_train is None and num_heldout is None:
             raise ValueError("to split one folder into training and held-out images, give num_train or num_heldout")
         self.root = Path(root)
@@ -69,19 +70,19 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             heldout = list_image_files(self.heldout_root, self.extensions)
             num_train = len(files) if self.num_train is None else self.num_train
             num_heldout = len(heldout) if self.num_heldout is None else self.num_heldout
-            check_subset("num_train", num_train, len(files), where)
-            check_subset("num_heldout", num_heldout, len(heldout), f"the held-out folder {self.heldout_root}")
+            check_subset(num_train, "num_train", len(files), where)
+            check_subset(num_heldout, "num_heldout", len(heldout), f"the held-out folder {self.heldout_root}")
             return files[:num_train], heldout[:num_heldout]
         if self.num_train is None:
-            check_subset("num_heldout", self.num_heldout, len(files) - 1, f"{where} (keeping one training image)")
+            check_subset(self.num_heldout, "num_heldout", len(files) - 1, f"{where} (keeping one training image)")
             num_train, num_heldout = len(files) - self.num_heldout, self.num_heldout
         elif self.num_heldout is None:
-            check_subset("num_train", self.num_train, len(files) - 1, f"{where} (keeping one held-out image)")
+            check_subset(self.num_train, "num_train", len(files) - 1, f"{where} (keeping one held-out image)")
             num_train, num_heldout = self.num_train, len(files) - self.num_train
         else:
             num_train, num_heldout = self.num_train, self.num_heldout
             check_subset(
-                f"num_train + num_heldout = {num_train} + {num_heldout}", num_train + num_heldout, len(files), where
+                num_train + num_heldout, f"num_train + num_heldout = {num_train} + {num_heldout}", len(files), where
             )
         return files[:num_train], files[num_train : num_train + num_heldout]
 

@@ -241,7 +241,8 @@ def _songunet_config(model: PersistentRecord, where: str) -> dict[str, Any]:
     return {
         "img_resolution": resolution,
         "in_channels": int(_attr(enc[stem_name], "in_channels")),
-        "out_channels": int(dec[next(n for n in dec if n.endswith("_aux_conv"))].state["_parameters"]["weight"].shape[0]),
+        "out_channels": int(
+            dec[next(n for n in dec if n.endswith("_aux_conv"))].state["_parameters"]["weight"].shape[0]),
         "model_channels": model_channels,
         "channel_mult": channel_mult,
         "num_blocks": counts.pop(),
@@ -305,7 +306,8 @@ def songunet_to_unet(model: PersistentRecord, where: str) -> tuple[dict[str, Any
     _check(not missing, where, f"UNet tensors {missing[:4]} received no SongUNet tensor")
     for key, value in m.out.items():
         _check(key in expected and tuple(value.shape) == tuple(expected[key].shape), where,
-               f"{key} has shape {tuple(value.shape)}, the UNet expects {tuple(expected.get(key, torch.empty(0)).shape)}")
+               f"{key} has shape {tuple(value.shape)}, the UNet expects "
+               f"{tuple(expected.get(key, torch.empty(0)).shape)}")
     return config, m.out, dropped
 
 

@@ -159,7 +159,8 @@ NUMPY_GLOBALS = _numpy_globals()
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     """Stands in for ``_codecs.encode``, through which pickle protocol 2 stores ``bytes`` (as latin-1 text)."""
     if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
-        raise UnsafeFileError(f"_codecs.encode is allowed for latin-1 text only, got {type(text).__name__}, {encoding!r}")
+        raise UnsafeFileError(
+            f"_codecs.encode is allowed for latin-1 text only, got {type(text).__name__}, {encoding!r}")
     return text.encode("latin1")
 
 

@@ -19,7 +19,7 @@ import torch
 
 from calmwild.data import DigitsDataModule
 from calmwild.denoisers import NetworkDenoiser
-from calmwild.memorization import per_sigma_errors
+from calmwild.memorization.per_sigma import per_sigma_errors
 from calmwild.module import DiffusionModule
 from calmwild.sigma import LogNormal
 from calmwild.unet import UNet

@@ -1,4 +1,4 @@
-"""Tests of calmwild.analysis: the full geometry report, its JSON keys and figure, and the no-overwrite rule."""
+"""calmwild.geometry.report: the full geometry report, its JSON keys and figure, and the no-overwrite rule."""
 
 import json
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from calmwild.analysis import analyze_geometry, write_geometry_report
-from calmwild.geometry import GEOMETRY_KEYS
+from calmwild.geometry.report import GEOMETRY_KEYS, analyze_geometry, write_geometry_report
+from calmwild.settings import GeometrySettings
 from calmwild.schedule import edm_sigma_steps, sigma_to_timestep
 
 
@@ -19,10 +19,7 @@ def _images(n: int, seed: int) -> torch.Tensor:
     return (centers[labels] + 0.15 * torch.randn(n, 1, 4, 4, generator=gen)).clamp(-1, 1)
 
 
-SMALL = dict(
-    num_points=12, num_noises=8, num_queries=20, num_coverage_noises=5, num_pairs=400, num_threshold_points=5,
-    progress=False,
-)
+SMALL = dict(num_points=12, num_noises=8, num_queries=20, num_coverage_noises=5, num_pairs=400, num_threshold_points=5)
 
 
 def _strict_json(path):
@@ -34,7 +31,7 @@ def _strict_json(path):
 
 def test_analyze_geometry_writes_documented_json_and_png(tmp_path):
     train, heldout = _images(60, seed=1), _images(30, seed=2)
-    report = analyze_geometry(train, heldout, seed=3, **SMALL)
+    report = analyze_geometry(train, heldout, GeometrySettings(seed=3, **SMALL), progress=False)
     assert tuple(report) == GEOMETRY_KEYS
     assert report["dataset"] == {"num_train": 60, "num_heldout": 30, "dim": 16}
     # default grid: EDM's 40-level schedule (App. E.2), ascending
@@ -65,7 +62,9 @@ def test_analyze_geometry_writes_documented_json_and_png(tmp_path):
 def test_report_with_empty_danger_zone_and_custom_grid(tmp_path):
     train, heldout = _images(40, seed=4), _images(20, seed=5)
     grid = [2.0, 0.01, 0.1, 0.5, 1.0, 0.05]
-    report = analyze_geometry(train, heldout, sigmas=grid, weight_level=1.0, coverage_level=1.0, **SMALL)
+    settings = GeometrySettings(weight_level=0.999, coverage_level=0.999, **SMALL)
+    report = analyze_geometry(train, heldout, settings, sigmas=grid,
+                              progress=False)
     assert report["sigmas"] == sorted(grid) and report["settings"]["sigma_grid"] == "given"
     zone = report["danger_zone"]
     assert zone["empty"] is True and zone["sigma"] is None and zone["timesteps"] is None
@@ -78,12 +77,13 @@ def test_report_with_empty_danger_zone_and_custom_grid(tmp_path):
 def test_bad_inputs_are_refused(tmp_path):
     train = _images(10, seed=0)
     with pytest.raises(ValueError, match="heldout"):
-        analyze_geometry(train, torch.zeros(5, 1, 3, 3), **SMALL)
+        analyze_geometry(train, torch.zeros(5, 1, 3, 3), GeometrySettings(**SMALL), progress=False)
     with pytest.raises(ValueError, match="sigmas"):
-        analyze_geometry(train, train, sigmas=[1.0], **SMALL)
+        analyze_geometry(train, train, GeometrySettings(**SMALL), sigmas=[1.0], progress=False)
     with pytest.raises(ValueError, match="missing keys"):
         write_geometry_report({"sigmas": []}, tmp_path)
     (tmp_path / "file").write_text("x")
-    report = analyze_geometry(train, _images(5, seed=1), sigmas=[0.1, math.e], **SMALL)
+    report = analyze_geometry(train, _images(5, seed=1), GeometrySettings(**SMALL), sigmas=[0.1, math.e],
+                              progress=False)
     with pytest.raises(FileExistsError, match="not a directory"):
         write_geometry_report(report, tmp_path / "file")

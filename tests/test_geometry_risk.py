@@ -1,5 +1,5 @@
-"""Risk scores and rank statistics against independent computations: brute-force pair counts, scipy's rank
-statistics, explicit softmax weights, and a synthetic set whose isolated points must score highest."""
+"""calmwild.geometry.risk: per-image risk scores against brute-force distances, explicit softmax weights, and a
+synthetic set whose isolated points must score highest."""
 
 import math
 
@@ -8,28 +8,20 @@ import pytest
 import torch
 from scipy import stats
 
-from calmwild.risk import (
+from calmwild.geometry.risk import (
     PRIMARY_SCORE,
-    auroc_null_std,
     danger_zone_bandwidth,
     expected_self_weight,
     kernel_self_weight,
     knn_distance_score,
     leave_one_out_neighbors,
-    midranks,
     nearest_neighbor_score,
     random_score_baseline,
     random_scores,
     reproduction_counts,
-    risk_auroc,
     risk_scores,
-    spearman,
-    spearman_null_std,
 )
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from calmwild.stats import auroc, auroc_null_std
 
 
 def brute_auroc(scores, positives) -> float:
@@ -47,7 +39,7 @@ def brute_distances(train: torch.Tensor) -> torch.Tensor:
 
 def clustered_with_outliers(seed: int = 0):
     """Four tight clusters of 20 points in 16-d plus 6 isolated points far from everything (indices 80-85)."""
-    g = _gen(seed)
+    g = torch.Generator().manual_seed(seed)
     centres = 3.0 * torch.randn(4, 16, generator=g, dtype=torch.float64)
     clusters = (centres.repeat_interleave(20, 0) + 0.1 * torch.randn(80, 16, generator=g, dtype=torch.float64))
     outliers = 8.0 * torch.randn(6, 16, generator=g, dtype=torch.float64)
@@ -55,51 +47,6 @@ def clustered_with_outliers(seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------------ rank statistics
-def test_midranks_match_scipy_with_ties():
-    x = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], dtype=float)
-    np.testing.assert_array_equal(midranks(x), stats.rankdata(x, method="average"))
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_auroc_matches_brute_force_with_ties(seed):
-    rng = np.random.default_rng(seed)
-    scores = rng.integers(0, 6, size=57).astype(float)  # many ties
-    positives = rng.random(57) < 0.35
-    assert risk_auroc(scores, positives) == pytest.approx(brute_auroc(scores, positives), abs=1e-12)
-
-
-def test_auroc_extremes_and_torch_inputs():
-    scores = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8])
-    mask = torch.tensor([False, False, False, True, True])
-    assert risk_auroc(scores, mask) == 1.0
-    assert risk_auroc(-scores, mask) == 0.0
-    assert risk_auroc(torch.ones(5), mask) == 0.5
-
-
-def test_auroc_refuses_one_class_and_bad_input():
-    with pytest.raises(ValueError, match="positives and negatives"):
-        risk_auroc([0.1, 0.2], [True, True])
-    with pytest.raises(ValueError, match="3 scores for 2"):
-        risk_auroc([0.1, 0.2, 0.3], [True, False])
-    with pytest.raises(ValueError, match="boolean"):
-        risk_auroc([0.1, 0.2], [2, 0])
-    with pytest.raises(ValueError, match="non-finite"):
-        risk_auroc([0.1, float("nan")], [True, False])
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_spearman_matches_scipy_with_ties(seed):
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, 8, size=40).astype(float)
-    b = a + rng.integers(0, 5, size=40)
-    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
-
-
-def test_spearman_refuses_constant_and_mismatched_input():
-    with pytest.raises(ValueError, match="constant"):
-        spearman([1, 2, 3], [0, 0, 0])
-    with pytest.raises(ValueError, match="3 values but b has 2"):
-        spearman([1, 2, 3], [1, 2])
 
 
 def test_random_baseline_is_chance_level():
@@ -109,12 +56,12 @@ def test_random_baseline_is_chance_level():
     mask[:20] = True
     counts = np.arange(60) % 7
     out = random_score_baseline(mask, counts, seed=3, num_draws=400)
-    assert out["auroc"] == pytest.approx(risk_auroc(random_scores(60, 3), mask))
+    assert out["auroc"] == pytest.approx(auroc(random_scores(60, 3), mask))
     assert out["spearman"] == pytest.approx(stats.spearmanr(random_scores(60, 3).numpy(), counts).statistic)
     null_auroc, null_rho = auroc_null_std(20, 40), 1 / math.sqrt(59)
     assert out["auroc_null_std"] == pytest.approx(null_auroc)
     assert out["spearman_null_std"] == pytest.approx(null_rho)
-    draws = np.array([risk_auroc(random_scores(60, s), mask) for s in range(3, 403)])
+    draws = np.array([auroc(random_scores(60, s), mask) for s in range(3, 403)])
     assert out["auroc_draws"]["mean"] == pytest.approx(draws.mean()) and out["auroc_draws"]["num"] == 400
     assert abs(out["auroc_draws"]["mean"] - 0.5) < 4 * null_auroc / math.sqrt(400)
     assert 0.8 * null_auroc < out["auroc_draws"]["std"] < 1.2 * null_auroc
@@ -130,17 +77,8 @@ def test_random_baseline_undefined_statistics_are_none():
         random_score_baseline([True, False], num_draws=-1)
 
 
-def test_null_stds_validate():
-    assert spearman_null_std(5) == 0.5
-    with pytest.raises(ValueError, match="at least 2"):
-        spearman_null_std(1)
-    with pytest.raises(ValueError, match="n_neg"):
-        auroc_null_std(3, 0)
-
-
-# ------------------------------------------------------------------------------------------------ neighbours
-def test_leave_one_out_neighbors_match_brute_force():
-    train = torch.randn(40, 1, 4, 4, generator=_gen(1))
+def test_leave_one_out_neighbors_match_brute_force(gen):
+    train = torch.randn(40, 1, 4, 4, generator=gen(1))
     dist, index = leave_one_out_neighbors(train, k=3)
     full = brute_distances(train)
     full.fill_diagonal_(math.inf)
@@ -149,8 +87,8 @@ def test_leave_one_out_neighbors_match_brute_force():
     assert torch.equal(index, expected_i[:, :3])
 
 
-def test_leave_one_out_keeps_duplicates_as_neighbours():
-    train = torch.randn(10, 1, 2, 2, generator=_gen(2))
+def test_leave_one_out_keeps_duplicates_as_neighbours(gen):
+    train = torch.randn(10, 1, 2, 2, generator=gen(2))
     train[7] = train[2]
     dist, index = leave_one_out_neighbors(train, k=1)
     assert index[2, 0] == 7 and index[7, 0] == 2
@@ -158,8 +96,8 @@ def test_leave_one_out_keeps_duplicates_as_neighbours():
     assert (index[:, 0] != torch.arange(10)).all()
 
 
-def test_neighbour_scores_are_relative_distances():
-    train = torch.randn(31, 1, 3, 3, generator=_gen(3))
+def test_neighbour_scores_are_relative_distances(gen):
+    train = torch.randn(31, 1, 3, 3, generator=gen(3))
     full = brute_distances(train)
     full.fill_diagonal_(math.inf)
     d1 = full.min(dim=1).values
@@ -184,27 +122,29 @@ def test_scores_refuse_bad_input():
 
 
 # ------------------------------------------------------------------------------------------------ kernel scores
-def test_kernel_self_weight_matches_explicit_softmax():
-    train = torch.randn(25, 1, 3, 3, generator=_gen(4))
+
+
+def test_kernel_self_weight_matches_explicit_softmax(gen):
+    train = torch.randn(25, 1, 3, 3, generator=gen(4))
     sigma = 1.3
     d2 = brute_distances(train) ** 2
     expected = torch.softmax(-d2 / (2 * sigma**2), dim=1).diagonal()
     torch.testing.assert_close(kernel_self_weight(train, sigma, chunk_size=7), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_kernel_self_weight_limits():
-    train = torch.randn(12, 1, 2, 2, generator=_gen(5))
+def test_kernel_self_weight_limits(gen):
+    train = torch.randn(12, 1, 2, 2, generator=gen(5))
     torch.testing.assert_close(kernel_self_weight(train, 1e-3), torch.ones(12, dtype=torch.float64))
     torch.testing.assert_close(kernel_self_weight(train, 1e4), torch.full((12,), 1 / 12, dtype=torch.float64),
                                rtol=1e-6, atol=0)
 
 
-def test_expected_self_weight_matches_explicit_monte_carlo():
+def test_expected_self_weight_matches_explicit_monte_carlo(gen):
     """Same documented noise draws, weights by an explicit softmax over explicit distances."""
-    train = torch.randn(15, 1, 2, 3, generator=_gen(6))
+    train = torch.randn(15, 1, 2, 3, generator=gen(6))
     sigma, num_noises = 0.8, 5
-    got = expected_self_weight(train, sigma, num_noises, generator=_gen(11), chunk_size=4)
-    g, y = _gen(11), train.double().flatten(1)
+    got = expected_self_weight(train, sigma, num_noises, generator=gen(11), chunk_size=4)
+    g, y = gen(11), train.double().flatten(1)
     total = torch.zeros(15, dtype=torch.float64)
     for _ in range(num_noises):
         x = y + sigma * torch.randn(train.shape, generator=g, dtype=torch.float64).flatten(1)
@@ -214,7 +154,7 @@ def test_expected_self_weight_matches_explicit_monte_carlo():
 
 
 @pytest.mark.parametrize("score", ["nn", "knn", "kernel", "expected"])
-def test_isolated_points_get_the_highest_scores(score):
+def test_isolated_points_get_the_highest_scores(score, gen):
     train, isolated = clustered_with_outliers()
     if score == "nn":
         values = nearest_neighbor_score(train)
@@ -223,15 +163,17 @@ def test_isolated_points_get_the_highest_scores(score):
     elif score == "kernel":
         values = kernel_self_weight(train, sigma=1.0)
     else:
-        values = expected_self_weight(train, sigma=1.0, num_noises=8, generator=_gen(0))
+        values = expected_self_weight(train, sigma=1.0, num_noises=8, generator=gen(0))
     top = torch.topk(values, len(isolated)).indices
     assert set(top.tolist()) == set(isolated.tolist())
     mask = torch.zeros(len(train), dtype=torch.bool)
     mask[isolated] = True
-    assert risk_auroc(values, mask) == 1.0
+    assert auroc(values, mask) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ reproduction
+
+
 def test_reproduction_counts_count_only_memorized_samples():
     counts = reproduction_counts(torch.tensor([0, 2, 2, 1, 2, 0]), torch.tensor([True, True, True, False, False, True]),
                                  num_train=4)
@@ -248,8 +190,8 @@ def test_danger_zone_bandwidth_is_the_zone_centre_or_the_crossing():
     assert danger_zone_bandwidth({"empty": True, "sigma": None, "crossing": {"sigma": None}}) is None
 
 
-def test_risk_scores_gather_every_score_with_k_clipped():
-    train = torch.randn(5, 1, 3, 3, generator=_gen(3))
+def test_risk_scores_gather_every_score_with_k_clipped(gen):
+    train = torch.randn(5, 1, 3, 3, generator=gen(3))
     d = brute_distances(train).double()
     d.fill_diagonal_(math.inf)
     nearest = d.min(dim=1).values
@@ -265,4 +207,4 @@ def test_risk_scores_gather_every_score_with_k_clipped():
     explicit = 1.0 / torch.exp(-brute_distances(train).double() ** 2 / (2 * 0.8**2)).sum(dim=1)
     torch.testing.assert_close(with_bandwidth["kernel_self_weight"], explicit, rtol=1e-6, atol=0)
     torch.testing.assert_close(with_bandwidth["expected_self_weight"],
-                               expected_self_weight(train, 0.8, 3, generator=_gen(5)), rtol=0, atol=0)
+                               expected_self_weight(train, 0.8, 3, generator=gen(5)), rtol=0, atol=0)

@@ -1,28 +1,21 @@
-"""Memorization metrics against independent computations: brute-force ratio tests, the closed-form error of a
-linear denoiser on Gaussian data, and an inline empirical optimal denoiser."""
+"""calmwild.memorization.per_sigma: per-noise-level MSE and memorization against the closed-form error of a linear
+denoiser on Gaussian data and an inline empirical optimal denoiser; item noise, sharding and batching invariance."""
 
 import math
 
 import pytest
 import torch
 
-from calmwild.memorization import (
+from calmwild.evaluation import shard_bounds
+from calmwild.memorization.per_sigma import (
     item_noise,
-    mean_and_stderr,
     per_sigma_errors,
     per_sigma_memorization,
     per_sigma_mse,
     per_sigma_ratio_tests,
-    ratio_test,
-    shard_items,
     summarize_errors,
     summarize_ratio_tests,
-    trajectory_memorization,
 )
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def brute_ratio(x: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,78 +37,13 @@ def empirical_denoiser(train: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------------ ratio test
-def test_ratio_test_matches_brute_force():
-    g = _gen(0)
-    train = torch.randn(60, 2, 4, 4, generator=g)
-    queries = torch.cat([
-        torch.randn(15, 2, 4, 4, generator=g),                       # novel
-        train[:10] + 0.05 * torch.randn(10, 2, 4, 4, generator=g),    # near copies
-        train[10:15],                                                # exact copies
-    ])
-    result = ratio_test(queries, train)
-    d1, d2, nearest = brute_ratio(queries, train)
-    torch.testing.assert_close(result.d1.double(), d1, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(result.d2.double(), d2, rtol=1e-5, atol=1e-6)
-    assert torch.equal(result.nearest_index, nearest)
-    assert torch.equal(result.memorized, d1 / d2 < 1 / 3)
-    assert result.memorized[15:].all() and not result.memorized[:15].any()
-    loose = ratio_test(queries, train, threshold=0.99)
-    assert torch.equal(loose.memorized, d1 / d2 < 0.99)
 
 
-def test_duplicated_training_image_counts_as_memorized():
-    train = torch.randn(20, 1, 3, 3, generator=_gen(1))
-    train[13] = train[4]
-    result = ratio_test(train[[4, 13, 5]], train)
-    assert result.d1[:2].tolist() == [0.0, 0.0] and result.d2[:2].tolist() == [0.0, 0.0]
-    assert result.ratio[:2].tolist() == [0.0, 0.0]  # 0/0 := 0: the sample IS a training image
-    assert result.memorized.tolist() == [True, True, True]
-    assert result.nearest_index.tolist() == [4, 4, 5]
+def shard_items(num_images: int, num_noises: int, rank: int, world_size: int) -> torch.Tensor:
+    """The item ids a rank computes: its contiguous slice (calmwild.evaluation.shard_bounds)."""
+    return torch.arange(*shard_bounds(num_images * num_noises, rank, world_size))
 
 
-@pytest.mark.parametrize("threshold", [0, 1, -0.2, 1.5, True, float("nan"), "0.3"])
-def test_threshold_outside_unit_interval_is_refused(threshold):
-    train = torch.randn(5, 4, generator=_gen(2))
-    with pytest.raises(ValueError, match="threshold"):
-        ratio_test(train, train, threshold=threshold)
-
-
-def test_ratio_test_needs_two_training_images():
-    with pytest.raises(ValueError, match="at least 2 training images"):
-        ratio_test(torch.zeros(1, 4), torch.zeros(1, 4))
-
-
-# ------------------------------------------------------------------------------------------------ trajectories
-def test_trajectory_memorization_copies_and_fresh_samples():
-    g = _gen(3)
-    train = torch.randn(100, 3, 4, 4, generator=g)
-    copies = trajectory_memorization(train[torch.randperm(100, generator=g)[:40]], train)
-    assert copies.rate == 1.0 and copies.stderr == 0.0 and copies.num_samples == 40
-    fresh = trajectory_memorization(torch.randn(80, 3, 4, 4, generator=g), train)
-    assert fresh.rate == 0.0 and not fresh.result.memorized.any()
-    mixed = trajectory_memorization(torch.cat([train[:30], torch.randn(50, 3, 4, 4, generator=g)]), train)
-    assert mixed.rate == pytest.approx(30 / 80)
-    assert mixed.stderr == pytest.approx(math.sqrt(30 / 80 * 50 / 80 / 80))  # binomial
-    assert mixed.to_dict() == {"rate": mixed.rate, "stderr": mixed.stderr, "num_samples": 80}
-
-
-# ------------------------------------------------------------------------------------------------ reductions
-def test_mean_and_stderr_clusters_by_group():
-    g = _gen(4)
-    values = torch.rand(2, 30, generator=g, dtype=torch.float64)
-    groups = torch.arange(30) // 3  # 10 images with 3 noises each
-    mean, se = mean_and_stderr(values, groups)
-    per_group = values.reshape(2, 10, 3).mean(dim=2)
-    torch.testing.assert_close(mean, values.mean(dim=1))
-    torch.testing.assert_close(se, per_group.std(dim=1, correction=0) / math.sqrt(10))
-    flags = torch.tensor([True] * 7 + [False] * 13)
-    rate, se = mean_and_stderr(flags)
-    assert float(rate) == pytest.approx(0.35) and float(se) == pytest.approx(math.sqrt(0.35 * 0.65 / 20))
-    with pytest.raises(ValueError, match="no items"):
-        mean_and_stderr(torch.empty(3, 0))
-
-
-# ------------------------------------------------------------------------------------------------ noise and items
 def test_item_noise_depends_only_on_seed_image_and_noise():
     a = item_noise(torch.tensor([7, 2, 5]), 3, (1, 2, 2), seed=11)
     b = item_noise(torch.tensor([5, 7]), 3, (1, 2, 2), seed=11)
@@ -135,12 +63,14 @@ def test_shard_items_partition_all_items():
 
 
 # ------------------------------------------------------------------------------------------------ per-sigma MSE
-def test_per_sigma_mse_of_linear_denoiser_matches_closed_form():
+
+
+def test_per_sigma_mse_of_linear_denoiser_matches_closed_form(gen):
     """x0 ~ N(0, s^2 I), D(x; sigma) = c(sigma) x: per pixel, D - x0 = (c - 1) x0 + c sigma n ~ N(0, v) with
     v = (c - 1)^2 s^2 + c^2 sigma^2, so E[mse] = v and each item's per-pixel mean has variance 2 v^2 / d."""
     s, m, shape = 0.5, 400, (3, 8, 8)
     d = math.prod(shape)
-    images = s * torch.randn(m, *shape, generator=_gen(5))
+    images = s * torch.randn(m, *shape, generator=gen(5))
     sigmas = [0.05, 0.5, 2.0, 10.0]
 
     def coef(sigma):
@@ -157,11 +87,11 @@ def test_per_sigma_mse_of_linear_denoiser_matches_closed_form():
     assert set(curve.to_dict()) == {"sigmas", "mse_per_pixel", "mse_per_pixel_stderr", "num_items"}
 
 
-def test_per_sigma_mse_of_optimal_linear_denoiser_within_reported_stderr():
+def test_per_sigma_mse_of_optimal_linear_denoiser_within_reported_stderr(gen):
     """The posterior mean for x0 ~ N(0, s^2 I) is D(x; sigma) = c x, c = s^2 / (s^2 + sigma^2); its error per pixel
     is E||D - x0||^2 / d = s^2 sigma^2 / (s^2 + sigma^2). The reported stderr must cover the deviation."""
     s, shape = 0.7, (1, 6, 6)
-    images = s * torch.randn(150, *shape, generator=_gen(11))
+    images = s * torch.randn(150, *shape, generator=gen(11))
     sigmas = torch.tensor([0.02, 0.3, 1.0, 20.0])
     curve = per_sigma_mse(lambda x, sig: (s**2 / (s**2 + sig**2)).view(-1, 1, 1, 1) * x, images, sigmas,
                           num_noises=3, seed=4, batch_size=100)
@@ -170,8 +100,8 @@ def test_per_sigma_mse_of_optimal_linear_denoiser_within_reported_stderr():
     assert ((curve.mse - expected).abs() < 4 * curve.stderr).all(), (curve.mse, expected, curve.stderr)
 
 
-def test_per_sigma_errors_independent_of_batch_size_and_sharding():
-    images = torch.randn(23, 1, 4, 4, generator=_gen(6))
+def test_per_sigma_errors_independent_of_batch_size_and_sharding(gen):
+    images = torch.randn(23, 1, 4, 4, generator=gen(6))
     sigmas = [0.1, 1.0]
 
     def denoise(x, sig):
@@ -204,8 +134,10 @@ def test_per_sigma_errors_bad_inputs():
 
 
 # ---------------------------------------------------------------------------------------------- per-sigma memorization
-def test_empirical_denoiser_memorizes_at_small_sigma_only():
-    g = _gen(7)
+
+
+def test_empirical_denoiser_memorizes_at_small_sigma_only(gen):
+    g = gen(7)
     train = torch.randn(40, 1, 6, 6, generator=g)
     heldout = torch.randn(30, 1, 6, 6, generator=g)
     sigmas = [0.01, 50.0]
@@ -218,8 +150,8 @@ def test_empirical_denoiser_memorizes_at_small_sigma_only():
     assert set(result.to_dict()) == {"sigmas", "rate", "stderr", "num_items", "threshold"}
 
 
-def test_per_sigma_memorization_independent_of_batch_size_and_sharding():
-    g = _gen(8)
+def test_per_sigma_memorization_independent_of_batch_size_and_sharding(gen):
+    g = gen(8)
     train = torch.randn(25, 1, 4, 4, generator=g)
     heldout = torch.randn(17, 1, 4, 4, generator=g)
     denoise = empirical_denoiser(train)

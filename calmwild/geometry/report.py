@@ -1,12 +1,13 @@
 """The dataset-only geometry report (paper Section 4, Fig. 3 / Fig. 8): posterior weight and shell coverage along
 the noise schedule, Theorem 4.8's bounds, Theorem 4.2's thresholds and the danger zone -- computed before any
-training -- written as ``geometry.json`` (stable keys, :data:`calmwild.geometry.GEOMETRY_KEYS`) and
-``geometry.png``; and the per-training-image risk scores (:mod:`calmwild.risk`) as ``risk.json`` and ``risk.png``.
+training -- written as ``geometry.json`` (stable keys, :data:`GEOMETRY_KEYS`) and ``geometry.png``; and the
+per-training-image risk scores (:mod:`calmwild.geometry.risk`) as ``risk.json`` and ``risk.png``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,53 +16,89 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from calmwild.geometry import (
-    GEOMETRY_KEYS,
-    GeometryResult,
-    concentration_thresholds,
-    coverage_bounds,
-    danger_zone,
-    posterior_weight_curves,
-    shell_coverage,
-    shell_probability_bound,
-    shell_radii,
-)
-from calmwild.images import enlarge, image_grid, save_png
+from calmwild.checks import check_sigmas
+from calmwild.geometry.risk import PRIMARY_SCORE, danger_zone_bandwidth, risk_scores
+from calmwild.geometry.shells import (CoverageBounds, CoverageCurve, coverage_bounds, shell_coverage,
+                                      shell_probability_bound, shell_radii)
+from calmwild.geometry.weights import (ConcentrationThresholds, WeightCurves, concentration_thresholds,
+                                       posterior_weight_curves)
+from calmwild.geometry.zone import DangerZone, danger_zone
+from calmwild.io import enlarge, image_grid, save_figure, save_png, write_json
 from calmwild.neighbors import flatten
-from calmwild.outputs import write_json
-from calmwild.risk import PRIMARY_SCORE, danger_zone_bandwidth, risk_scores
-from calmwild.schedule import edm_sigma_steps, timestep_to_sigma
+from calmwild.schedule import sigma_to_timestep, timestep_to_sigma
+from calmwild.settings import GeometrySettings
 
+GEOMETRY_FORMAT_VERSION = 1
 REPORT_FILES = ("geometry.json", "geometry.png")
 RISK_FILES = ("risk.json", "risk.png")
 
 
-def _grid(sigmas: Sequence[float] | torch.Tensor | None) -> torch.Tensor:
-    """The sigma grid, ascending: by default EDM's 40-step schedule (App. E.2: sigma_min 0.002, sigma_max 80)."""
-    if sigmas is None:
-        return edm_sigma_steps(40).flip(0)
-    grid = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().reshape(-1).sort().values
-    if grid.numel() < 2 or not torch.all(torch.isfinite(grid) & (grid > 0)) or torch.any(grid.diff() == 0):
-        raise ValueError(f"sigmas must hold at least 2 distinct finite positive levels, got {grid.tolist()}")
-    return grid
+GEOMETRY_KEYS = (
+    "format_version",
+    "dataset",
+    "settings",
+    "sigmas",
+    "timesteps",
+    "max_weight",
+    "self_weight",
+    "coverage",
+    "coverage_bounds",
+    "thresholds",
+    "danger_zone",
+)
+
+
+@dataclass
+class GeometryResult:
+    """Everything :func:`analyze_geometry` computes; :meth:`to_dict` gives the JSON report with
+    the stable top-level keys :data:`GEOMETRY_KEYS`:
+
+    - ``format_version`` (int), ``dataset`` {num_train, num_heldout, dim}, ``settings`` (all parameters, the
+      shell radii and Lemma 4.5's probability bound, the DDPM schedule used for timesteps);
+    - ``sigmas`` (ascending) and ``timesteps`` (their DDPM timesteps);
+    - ``max_weight``, ``self_weight``, ``coverage``: {mean, se} per sigma;
+    - ``coverage_bounds``: {lower: {mean, se}, upper: {mean, se, uncapped}} (Theorem 4.8);
+    - ``thresholds``: Theorem 4.2 per point and summary, plus ``timesteps`` of the mean thresholds;
+    - ``danger_zone``: see :class:`DangerZone`.
+    Non-finite numbers become null in JSON.
+    """
+
+    dataset: dict[str, int]
+    settings: dict[str, Any]
+    weights: WeightCurves
+    coverage: CoverageCurve
+    bounds: CoverageBounds
+    thresholds: ConcentrationThresholds
+    danger: DangerZone
+
+    def to_dict(self) -> dict[str, Any]:
+        ddpm = self.danger.ddpm
+        mean_lo = self.thresholds.summary["sigma_lo"]["mean"]
+        mean_hi = self.thresholds.summary["sigma_hi"]["mean"]
+        thresholds = self.thresholds.to_dict()
+        thresholds["timesteps"] = {
+            name: None if value is None else float(sigma_to_timestep(value, **ddpm))
+            for name, value in (("sigma_lo_mean", mean_lo), ("sigma_hi_mean", mean_hi))
+        }
+        return {
+            "format_version": GEOMETRY_FORMAT_VERSION,
+            "dataset": dict(self.dataset),
+            "settings": dict(self.settings),
+            "sigmas": self.weights.sigmas.tolist(),
+            "timesteps": sigma_to_timestep(self.weights.sigmas, **ddpm).tolist(),
+            **self.weights.to_dict(),
+            **self.coverage.to_dict(),
+            "coverage_bounds": self.bounds.to_dict(),
+            "thresholds": thresholds,
+            "danger_zone": self.danger.to_dict(),
+        }
 
 
 def analyze_geometry(
     train: torch.Tensor,
     heldout: torch.Tensor,
+    settings: GeometrySettings = GeometrySettings(),
     sigmas: Sequence[float] | torch.Tensor | None = None,
-    num_points: int = 100,
-    num_noises: int = 100,
-    num_queries: int = 500,
-    num_coverage_noises: int = 20,
-    num_pairs: int = 10_000,
-    num_threshold_points: int = 20,
-    t: float = 5.0,
-    eps: float = 0.05,
-    delta: float = 0.05,
-    weight_level: float = 0.5,
-    coverage_level: float = 0.5,
-    seed: int = 0,
     device: str | torch.device | None = None,
     chunk_size: int = 4096,
     batch_size: int = 1024,
@@ -71,7 +108,8 @@ def analyze_geometry(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The full geometry report of a training set and a held-out set from the same distribution ([N, ...] tensors,
-    e.g. images in [-1, 1]); returns :meth:`GeometryResult.to_dict` (keys :data:`~calmwild.geometry.GEOMETRY_KEYS`).
+    e.g. images in [-1, 1]); returns :meth:`GeometryResult.to_dict` (keys :data:`GEOMETRY_KEYS`). ``settings``
+    (:class:`~calmwild.settings.GeometrySettings`) gives the Monte Carlo sizes and levels:
 
     - max / self posterior weight (Def. 4.1, Fig. 7): ``num_points`` training base points x ``num_noises`` noises;
     - coverage C_sigma (Def. 4.6): ``num_queries`` held-out points x ``num_coverage_noises`` noises;
@@ -79,47 +117,42 @@ def analyze_geometry(
     - Theorem 4.2 thresholds (eps, delta) for ``num_threshold_points`` random training points (the paper used 20);
     - the danger zone at (``weight_level``, ``coverage_level``), in sigma and in DDPM timesteps (T, beta_*).
 
-    ``sigmas`` defaults to EDM's 40-level schedule (App. E.2); any grid is sorted ascending. Work runs on ``device``
-    (default: where ``train`` lives) in float32 unless the inputs are float64. The four random parts use seeds
-    seed, seed + 1, seed + 2, seed + 3 so their noises are independent.
+    ``sigmas`` defaults to EDM's rho schedule with ``settings.num_levels`` levels (App. E.2: 40); any grid is sorted
+    ascending. Work runs on ``device`` (default: where ``train`` lives) in float32 unless the inputs are float64.
+    The four random parts use seeds seed, seed + 1, seed + 2, seed + 3 so their noises are independent.
     """
-    grid = _grid(sigmas)
+    s = settings
+    grid = s.sigma_grid() if sigmas is None else check_sigmas(sigmas, min_count=2, ascending=True)
     for name, x in (("train", train), ("heldout", heldout)):
         if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] == 0:
             raise ValueError(f"{name} must be a non-empty tensor [N, ...], got {getattr(x, 'shape', type(x))}")
     if train.shape[1:] != heldout.shape[1:]:
         raise ValueError(f"train items have shape {tuple(train.shape[1:])} but heldout {tuple(heldout.shape[1:])}")
-    if num_threshold_points < 1:
-        raise ValueError(f"num_threshold_points must be >= 1, got {num_threshold_points}")
     dtype = torch.float64 if train.dtype == torch.float64 else torch.float32
     target = torch.device(device) if device is not None else train.device
     y = flatten(train).to(device=target, dtype=dtype)
     h = flatten(heldout).to(device=target, dtype=dtype)
     n, dim = y.shape
 
-    weights = posterior_weight_curves(
-        y, grid, num_points, num_noises, seed=seed, chunk_size=chunk_size, batch_size=batch_size, progress=progress
-    )
-    coverage = shell_coverage(
-        y, h, grid, num_queries, num_coverage_noises, t=t, seed=seed + 1, chunk_size=chunk_size,
-        batch_size=batch_size, progress=progress,
-    )
-    bounds = coverage_bounds(y, h, grid, t=t, num_pairs=num_pairs, seed=seed + 2)
-    picks = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 3))[: min(num_threshold_points, n)]
-    thresholds = concentration_thresholds(y, picks, eps=eps, delta=delta, chunk_size=chunk_size)
-    danger = danger_zone(
-        grid, weights.max_weight, coverage.coverage, weight_level, coverage_level, T, beta_start, beta_end
-    )
-    r_minus, r_plus = shell_radii(dim, t)
-    settings = {
-        "t": float(t),
-        "shell_radii": {"r_minus": r_minus, "r_plus": r_plus, "r_minus_clipped": dim - 2.0 * (dim * t) ** 0.5 < 0},
-        "shell_probability_bound": shell_probability_bound(t),
-        "eps": float(eps),
-        "delta": float(delta),
-        "weight_level": float(weight_level),
-        "coverage_level": float(coverage_level),
-        "seed": int(seed),
+    weights = posterior_weight_curves(y, grid, s.num_points, s.num_noises, seed=s.seed, chunk_size=chunk_size,
+                                      batch_size=batch_size, progress=progress)
+    coverage = shell_coverage(y, h, grid, s.num_queries, s.num_coverage_noises, t=s.t, seed=s.seed + 1,
+                              chunk_size=chunk_size, batch_size=batch_size, progress=progress)
+    bounds = coverage_bounds(y, h, grid, t=s.t, num_pairs=s.num_pairs, seed=s.seed + 2)
+    picks = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed + 3))[: min(s.num_threshold_points, n)]
+    thresholds = concentration_thresholds(y, picks, eps=s.eps, delta=s.delta, chunk_size=chunk_size)
+    danger = danger_zone(grid, weights.max_weight, coverage.coverage, s.weight_level, s.coverage_level, T,
+                         beta_start, beta_end)
+    r_minus, r_plus = shell_radii(dim, s.t)
+    report_settings = {
+        "t": float(s.t),
+        "shell_radii": {"r_minus": r_minus, "r_plus": r_plus, "r_minus_clipped": dim - 2.0 * (dim * s.t) ** 0.5 < 0},
+        "shell_probability_bound": shell_probability_bound(s.t),
+        "eps": float(s.eps),
+        "delta": float(s.delta),
+        "weight_level": float(s.weight_level),
+        "coverage_level": float(s.coverage_level),
+        "seed": int(s.seed),
         "num_points": weights.num_points,
         "num_noises": weights.num_noises,
         "num_queries": coverage.num_queries,
@@ -127,13 +160,13 @@ def analyze_geometry(
         "num_bound_queries": bounds.num_queries,
         "num_pairs": bounds.num_pairs,
         "num_threshold_points": int(picks.numel()),
-        "sigma_grid": "edm_sigma_steps(40)" if sigmas is None else "given",
+        "sigma_grid": f"edm_sigma_steps({s.num_levels})" if sigmas is None else "given",
         "device": str(target),
         "dtype": str(dtype).replace("torch.", ""),
         "ddpm": {"T": int(T), "beta_start": float(beta_start), "beta_end": float(beta_end)},
     }
     dataset = {"num_train": int(n), "num_heldout": int(h.shape[0]), "dim": int(dim)}
-    return GeometryResult(dataset, settings, weights, coverage, bounds, thresholds, danger).to_dict()
+    return GeometryResult(dataset, report_settings, weights, coverage, bounds, thresholds, danger).to_dict()
 
 
 def _check_report(report: dict[str, Any] | GeometryResult) -> dict[str, Any]:
@@ -236,8 +269,7 @@ def write_geometry_report(
     out.mkdir(parents=True, exist_ok=True)
     json_path = write_json(report, out / "geometry.json")
     png_path = out / "geometry.png"
-    fig = plot_geometry(report)
-    fig.savefig(png_path, dpi=150)
+    save_figure(plot_geometry(report), png_path, dpi=150)
     return {"json": json_path, "png": png_path}
 
 
@@ -252,11 +284,12 @@ def write_risk_report(
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Which training images are most at risk of being memorized, from the data alone (seed 002, local coverage):
-    :func:`calmwild.risk.risk_scores` with the kernel bandwidth of the danger zone
-    (:func:`calmwild.risk.danger_zone_bandwidth`), written into ``out_dir`` as
+    :func:`calmwild.geometry.risk.risk_scores` with the kernel bandwidth of the danger zone
+    (:func:`calmwild.geometry.risk.danger_zone_bandwidth`), written into ``out_dir`` as
 
     - ``risk.json``: every score for every training image (index order of the training set), the bandwidth, and
-      the ``num_shown`` most and least at-risk indices by the primary score (:data:`calmwild.risk.PRIMARY_SCORE`);
+      the ``num_shown`` most and least at-risk indices by the primary score
+      (:data:`calmwild.geometry.risk.PRIMARY_SCORE`);
     - ``risk.png``: those images, most at risk in the top row(s), least at risk below.
 
     Returns the summary stored in ``geometry.json`` under ``risk`` (everything but the per-image scores)."""

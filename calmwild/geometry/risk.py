@@ -1,6 +1,6 @@
 """Which training images get memorized: per-image risk scores from the data alone, and how to score them.
 
-Idea (seed 002, Merger & Goldt, "Local coverage governs memorization"; PAPER_NOTES 5): the empirical optimal
+Idea (seed 002, Merger & Goldt, "Local coverage governs memorization"): the empirical optimal
 denoiser is a Gaussian kernel density estimate of the training set, and a trained network memorizes where the
 training data cover their neighbourhood sparsely. An isolated training image y_i keeps the posterior weight
 w_i(x, sigma) (paper eq. 3) to itself over a wider range of noise levels than an image in a dense cluster, so the
@@ -22,9 +22,9 @@ For the two kernel scores, sigma is a bandwidth; tying it to the danger zone (Se
 owns its neighbourhood at the noise levels where memorization forms.
 
 Scoring a score against what a model reproduced: :func:`reproduction_counts` (how many memorized samples have
-image i as nearest training image), :func:`risk_auroc` (exact AUROC via ranks, the Mann-Whitney U statistic),
-:func:`spearman` (rank correlation, ties as midranks) and :func:`random_score_baseline` (a seeded random score
-and the null standard deviations of both statistics).
+image i as nearest training image), :func:`calmwild.stats.auroc` (exact AUROC via ranks, the Mann-Whitney U
+statistic), :func:`calmwild.stats.spearman` (rank correlation, ties as midranks) and :func:`random_score_baseline`
+(a seeded random score and the null standard deviations of both statistics).
 """
 
 from __future__ import annotations
@@ -35,62 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from calmwild.checks import check_count, check_images, check_positive
 from calmwild.neighbors import flatten, knn
 from calmwild.posterior import posterior_summary
-
-
-# ------------------------------------------------------------------------------------------------ input checks
-def _train(train: object, min_count: int = 2) -> torch.Tensor:
-    if not isinstance(train, torch.Tensor):
-        raise TypeError(f"train must be a torch.Tensor [N, ...], got {type(train).__name__}")
-    if train.ndim < 2 or not train.is_floating_point():
-        raise ValueError(f"train must be a floating-point tensor [N, ...], got {train.dtype} of shape "
-                         f"{tuple(train.shape)}")
-    if train.shape[0] < min_count:
-        raise ValueError(f"need at least {min_count} training images, got {train.shape[0]}")
-    if not torch.isfinite(train).all():
-        raise ValueError("train contains non-finite values (NaN or inf)")
-    return train
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _sigma(sigma: object) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be a finite positive number, got {sigma!r}")
-    return float(sigma)
-
-
-def _vector(values: object, name: str) -> np.ndarray:
-    """A 1-D float64 array of finite values (tensors, arrays and lists accepted)."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().double().numpy()
-    try:
-        out = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__}") from err
-    if out.ndim != 1 or out.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {out.shape}")
-    if not np.all(np.isfinite(out)):
-        raise ValueError(f"{name} contains non-finite values")
-    return out
-
-
-def _mask(values: object, name: str) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    out = np.asarray(values)
-    if out.ndim != 1 or out.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D boolean mask, got shape {out.shape}")
-    if out.dtype != np.bool_:
-        if not np.all(np.isin(out, (0, 1))):
-            raise ValueError(f"{name} must be boolean (or 0/1), got values {np.unique(out)[:5].tolist()}")
-        out = out.astype(bool)
-    return out
+from calmwild.stats import as_mask, as_vector, auroc, auroc_null_std, spearman, spearman_null_std
 
 
 # ------------------------------------------------------------------------------------------------ risk scores
@@ -99,8 +47,8 @@ def leave_one_out_neighbors(train: torch.Tensor, k: int = 1, device: torch.devic
     """Distances [N, k] (ascending, float32) and indices [N, k] of the k nearest OTHER training images of every
     training image, exact (:func:`calmwild.neighbors.knn` with k + 1 neighbours, then the image itself removed by
     index). An exact duplicate of y_i is another image: it appears at distance 0."""
-    train = _train(train)
-    k = _positive_int(k, "k")
+    train = check_images(train, "train", min_count=2, finite=True)
+    k = check_count(k, "k")
     n = train.shape[0]
     if k > n - 1:
         raise ValueError(f"k must lie in [1, {n - 1}] (the number of other training images), got {k}")
@@ -139,8 +87,8 @@ def kernel_self_weight(train: torch.Tensor, sigma: float, chunk_size: int = 4096
     weight (paper eq. 3) that the noiseless training image y_i gives itself, a decreasing function of the
     leave-one-out Gaussian KDE at y_i with bandwidth ``sigma``. Computed in float64 by
     :func:`calmwild.posterior.posterior_summary` (streaming log-sum-exp)."""
-    train = _train(train, min_count=1)
-    sigma = _sigma(sigma)
+    train = check_images(train, "train", min_count=1, finite=True)
+    sigma = check_positive(sigma, "sigma")
     y = flatten(train).double()
     out = posterior_summary(y, y, sigma, self_index=torch.arange(y.shape[0], device=y.device), want_mean=False,
                             chunk_size=chunk_size)
@@ -161,9 +109,9 @@ def expected_self_weight(
     ``torch.randn(N, *image_shape, generator=generator, dtype=float64)`` on the CPU, in that order. Weights are
     computed in float64 by :func:`calmwild.posterior.posterior_summary`.
     """
-    train = _train(train, min_count=1)
-    sigma = _sigma(sigma)
-    num_noises = _positive_int(num_noises, "num_noises")
+    train = check_images(train, "train", min_count=1, finite=True)
+    sigma = check_positive(sigma, "sigma")
+    num_noises = check_count(num_noises, "num_noises")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     y = train.double()
@@ -181,7 +129,7 @@ PRIMARY_SCORE = "nearest_neighbor"  # declared before looking at any result: The
 
 def danger_zone_bandwidth(danger_zone: dict[str, Any]) -> float | None:
     """The kernel bandwidth tied to the danger zone (``danger_zone`` entry of a geometry report,
-    :func:`calmwild.analysis.analyze_geometry`): sqrt(sigma_lo * sigma_hi), the zone's geometric centre (it spans
+    :func:`calmwild.geometry.report.analyze_geometry`): sqrt(sigma_lo * sigma_hi), the zone's geometric centre (it spans
     decades of sigma); for an empty zone the sigma where the weight and coverage curves cross; None if neither."""
     if not danger_zone.get("empty") and danger_zone.get("sigma"):
         lo, hi = (float(v) for v in danger_zone["sigma"])
@@ -202,8 +150,8 @@ def risk_scores(
     ``nearest_neighbor`` (:data:`PRIMARY_SCORE`), ``knn<k>_distance`` (k clipped to N - 1) and, when a bandwidth
     ``sigma`` is given (e.g. :func:`danger_zone_bandwidth`), ``kernel_self_weight`` and ``expected_self_weight``
     (``num_noises`` Monte Carlo noises from a generator seeded with ``seed``)."""
-    train = _train(train)
-    k = min(_positive_int(k, "k"), train.shape[0] - 1)
+    train = check_images(train, "train", min_count=2, finite=True)
+    k = min(check_count(k, "k"), train.shape[0] - 1)
     scores = {PRIMARY_SCORE: nearest_neighbor_score(train, device),
               f"knn{k}_distance": knn_distance_score(train, k, device)}
     if sigma is not None:
@@ -217,9 +165,9 @@ def risk_scores(
 def reproduction_counts(nearest_index: object, memorized: object, num_train: int) -> torch.Tensor:
     """counts[i] = number of memorized samples (ratio test passed) whose nearest training image is i (long [N]);
     ``counts > 0`` is the mask of reproduced training images."""
-    num_train = _positive_int(num_train, "num_train")
+    num_train = check_count(num_train, "num_train")
     index = torch.as_tensor(nearest_index).detach().cpu().reshape(-1)
-    flags = torch.as_tensor(_mask(memorized, "memorized"))
+    flags = torch.as_tensor(as_mask(memorized, "memorized"))
     if index.numel() != flags.numel():
         raise ValueError(f"{index.numel()} nearest indices for {flags.numel()} memorization flags")
     if index.is_floating_point() or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_train)):
@@ -228,73 +176,10 @@ def reproduction_counts(nearest_index: object, memorized: object, num_train: int
     return torch.bincount(index[flags].long(), minlength=num_train)
 
 
-# ------------------------------------------------------------------------------------------------ rank statistics
-def midranks(values: object) -> np.ndarray:
-    """Ranks 1..n of ``values`` (float64), tied values sharing the mean of the ranks they span."""
-    x = _vector(values, "values")
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], x.size]  # each tie group is [start, end) in sorted order
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # mean of ranks start+1 .. end
-    return ranks
-
-
-def risk_auroc(scores: object, reproduced_mask: object) -> float:
-    """Area under the ROC curve of ``scores`` for the positives ``reproduced_mask`` (1-D, same length), exactly:
-
-        AUROC = P(score of a positive > score of a negative) + 0.5 P(equal)
-              = (R_+ - n_+ (n_+ + 1) / 2) / (n_+ n_-)      (Mann-Whitney U / (n_+ n_-)),
-
-    R_+ the sum of the positives' midranks (:func:`midranks`), which is how ties earn half a pair. 0.5 is chance
-    level, 1 a perfect ranking. ValueError when either class is empty (the AUROC is undefined)."""
-    s = _vector(scores, "scores")
-    pos = _mask(reproduced_mask, "reproduced_mask")
-    if s.size != pos.size:
-        raise ValueError(f"{s.size} scores for {pos.size} mask entries")
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"the AUROC needs positives and negatives, got {n_pos} reproduced and {n_neg} not reproduced")
-    rank_sum = float(midranks(s)[pos].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-
-
-def spearman(a: object, b: object) -> float:
-    """Spearman's rank correlation: the Pearson correlation of the midranks of ``a`` and ``b`` (ties averaged,
-    as scipy.stats.spearmanr). ValueError for fewer than 2 values or a constant input (undefined)."""
-    x, y = _vector(a, "a"), _vector(b, "b")
-    if x.size != y.size:
-        raise ValueError(f"a has {x.size} values but b has {y.size}")
-    if x.size < 2:
-        raise ValueError(f"a rank correlation needs at least 2 values, got {x.size}")
-    for name, v in (("a", x), ("b", y)):
-        if np.all(v == v[0]):
-            raise ValueError(f"{name} is constant: the rank correlation is undefined")
-    rx, ry = midranks(x), midranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / math.sqrt((rx * rx).sum() * (ry * ry).sum()))
-
-
-def auroc_null_std(n_pos: int, n_neg: int) -> float:
-    """Standard deviation of the AUROC of a score independent of the labels (no ties):
-    sqrt((n_+ + n_- + 1) / (12 n_+ n_-)) (Mann-Whitney: Var U = n_+ n_- (n_+ + n_- + 1) / 12)."""
-    n_pos, n_neg = _positive_int(n_pos, "n_pos"), _positive_int(n_neg, "n_neg")
-    return math.sqrt((n_pos + n_neg + 1) / (12.0 * n_pos * n_neg))
-
-
-def spearman_null_std(n: int) -> float:
-    """Standard deviation of Spearman's rho between independent continuous variables: 1 / sqrt(n - 1)."""
-    n = _positive_int(n, "n")
-    if n < 2:
-        raise ValueError(f"n must be at least 2, got {n}")
-    return 1.0 / math.sqrt(n - 1)
-
-
 def random_scores(num: int, seed: int = 0) -> torch.Tensor:
     """The seeded random risk score of the baseline: ``torch.rand(num, generator=Generator().manual_seed(seed),
     dtype=float64)``."""
-    num = _positive_int(num, "num")
+    num = check_count(num, "num")
     return torch.rand(num, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
 
 
@@ -303,23 +188,24 @@ def random_score_baseline(
 ) -> dict[str, Any]:
     """What a score that knows nothing achieves: the AUROC (and, given ``counts``, the Spearman correlation with the
     reproduction counts) of :func:`random_scores` with ``seed``, beside the expected values (0.5 and 0) and their
-    null standard deviations (:func:`auroc_null_std`, :func:`spearman_null_std`). With ``num_draws`` > 0, also the
+    null standard deviations (:func:`calmwild.stats.auroc_null_std`,
+    :func:`~calmwild.stats.spearman_null_std`). With ``num_draws`` > 0, also the
     mean and standard deviation of each statistic over the random scores of seeds seed, ..., seed + num_draws - 1
     (``auroc_draws`` / ``spearman_draws``), which show where the one seeded draw falls. Statistics that are undefined
     (one class empty, constant counts) are None."""
-    pos = _mask(reproduced_mask, "reproduced_mask")
+    pos = as_mask(reproduced_mask, "reproduced_mask")
     if isinstance(num_draws, bool) or not isinstance(num_draws, (int, np.integer)) or num_draws < 0:
         raise ValueError(f"num_draws must be a non-negative integer, got {num_draws!r}")
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     c = None
     if counts is not None:
-        c = _vector(counts, "counts")
+        c = as_vector(counts, "counts")
         if c.size != pos.size:
             raise ValueError(f"{c.size} counts for {pos.size} mask entries")
         if c.size < 2 or np.all(c == c[0]):
             c = None  # constant counts: no rank correlation
     draws = [random_scores(pos.size, seed + i) for i in range(max(1, num_draws))]
-    aurocs = [risk_auroc(d, pos) for d in draws] if n_pos and n_neg else None
+    aurocs = [auroc(d, pos) for d in draws] if n_pos and n_neg else None
     rhos = [spearman(d, c) for d in draws] if c is not None else None
 
     def spread(values: list[float] | None) -> dict[str, float] | None:

@@ -1,0 +1,184 @@
+"""Results across runs: a table of each run's final and best evaluation metrics, and the quality-memorization
+Pareto front (paper App. E.5, Fig. 9: FID against memorization over gap configurations, non-dominated runs joined).
+
+A run is a ``calmwild fit`` directory; its evaluations are read from ``eval/<callback>/history.json`` (written by the
+callbacks at every evaluation) and its settings from its ``config.yaml``. Lower is better for every metric compared
+here (memorization rates, FID, KID), so "best" is the minimum over a run's evaluations.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib.figure import Figure
+
+from calmwild.stats import wilson_interval
+
+RATE_KEY = "traj_mem/rate"
+QUALITY_KEYS = ("fid/value", "kid/value")
+COMPARED = ("traj_mem/rate", "mem/peak_rate", "fid/value", "kid/value")
+
+
+@dataclass
+class RunResults:
+    """One run's evaluations: per metric the (step, value) series, and what the run was."""
+
+    path: Path
+    label: str
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+
+    def final(self, key: str) -> tuple[int, float] | None:
+        return self.series[key][-1] if self.series.get(key) else None
+
+    def best(self, key: str) -> tuple[int, float] | None:
+        return min(self.series[key], key=lambda item: item[1]) if self.series.get(key) else None
+
+
+def _config(run_dir: Path) -> dict:
+    for path in (run_dir / "config.yaml", run_dir / "logs" / "config.yaml"):
+        if path.is_file():
+            return yaml.safe_load(path.read_text()) or {}
+    return {}
+
+
+def describe_run(run_dir: Path) -> str:
+    """A short label: the sigma sampler (and its bands) the run was trained with, and its training-set size."""
+    config = _config(run_dir)
+    sampler = (config.get("model") or {}).get("sigma_sampler") or {}
+    name = str(sampler.get("class_path", "LogNormal")).rsplit(".", 1)[-1]
+    bands = (sampler.get("init_args") or {}).get("bands")
+    if bands:
+        name += " " + ",".join(f"[{a:g}, {b:g}]" for a, b in bands)
+    size = ((config.get("data") or {}).get("init_args") or {}).get("num_train")
+    return f"{name}, N={size}" if size else name
+
+
+def read_run(run_dir: str | Path) -> RunResults:
+    """The evaluation histories of a run directory (ValueError when it holds none)."""
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob("eval/*/history.json"))
+    if not files:
+        raise ValueError(f"{run_dir} holds no evaluation history (eval/*/history.json): is it a calmwild run "
+                         "directory with evaluation callbacks?")
+    result = RunResults(run_dir, describe_run(run_dir))
+    for path in files:
+        for entry in json.loads(path.read_text()).get("history", []):
+            step = int(entry["step"])
+            for key, value in entry.items():
+                if key in COMPARED and isinstance(value, (int, float)) and math.isfinite(value):
+                    result.series.setdefault(key, []).append((step, float(value)))
+                elif key.endswith("/num_samples") and isinstance(value, (int, float)):
+                    result.samples[key.split("/")[0]] = int(value)
+    for values in result.series.values():
+        values.sort()
+    return result
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points when both coordinates are minimised (no other point is at least as
+    good in both and better in one), ordered by the first coordinate."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 <= x and y2 <= y) and (x2 < x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+def compare_runs(run_dirs: list[str | Path], quality: str = "fid/value") -> dict[str, Any]:
+    """The comparison table (one row per run) and the Pareto front of (final memorization rate, final
+    ``quality``)."""
+    if quality not in QUALITY_KEYS:
+        raise ValueError(f"quality must be one of {QUALITY_KEYS}, got {quality!r}")
+    runs = [read_run(d) for d in run_dirs]
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {"run": str(run.path), "label": run.label}
+        for key in COMPARED:
+            final, best = run.final(key), run.best(key)
+            row[f"final {key}"] = None if final is None else final[1]
+            row[f"final {key} step"] = None if final is None else final[0]
+            row[f"best {key}"] = None if best is None else best[1]
+            row[f"best {key} step"] = None if best is None else best[0]
+        count = run.samples.get("traj_mem")
+        if row[f"final {RATE_KEY}"] is not None and count:
+            interval = wilson_interval(round(row[f"final {RATE_KEY}"] * count), count)
+            row["final traj_mem/rate 95% interval"] = [interval.low, interval.high]
+            row["traj_mem samples"] = count
+        rows.append(row)
+    both = [i for i, row in enumerate(rows)
+            if row[f"final {RATE_KEY}"] is not None and row[f"final {quality}"] is not None]
+    points = [(rows[i][f"final {RATE_KEY}"], rows[i][f"final {quality}"]) for i in both]
+    front = [both[k] for k in pareto_front(points)]
+    for i, row in enumerate(rows):
+        row["pareto"] = i in front
+    return {"quality": quality, "rows": rows, "pareto_front": [rows[i]["run"] for i in front]}
+
+
+def plot_pareto(comparison: dict[str, Any]) -> Figure:
+    """Quality against memorization, one point per run (labelled), the non-dominated runs joined by a dashed line."""
+    quality = comparison["quality"]
+    fig = Figure(figsize=(7.0, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    rows = [r for r in comparison["rows"] if r[f"final {RATE_KEY}"] is not None and r[f"final {quality}"] is not None]
+    for row in rows:
+        x, y = 100 * row[f"final {RATE_KEY}"], row[f"final {quality}"]
+        ax.scatter([x], [y], color="tab:red" if row["pareto"] else "tab:gray", zorder=3)
+        ax.annotate(row["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if "final traj_mem/rate 95% interval" in row:
+            low, high = row["final traj_mem/rate 95% interval"]
+            ax.plot([100 * low, 100 * high], [y, y], color="tab:gray", alpha=0.5, lw=1)
+    front = sorted((100 * r[f"final {RATE_KEY}"], r[f"final {quality}"]) for r in rows if r["pareto"])
+    if len(front) > 1:
+        ax.plot(*zip(*front), "--", color="tab:red", lw=1, label="Pareto front (non-dominated)")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("trajectory memorization (%, 95% Wilson interval)")
+    ax.set_ylabel(quality.replace("/value", "").upper())
+    ax.set_title(f"{quality.split('/')[0].upper()} against memorization, final evaluation of each run")
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def write_comparison(comparison: dict[str, Any], out: Path) -> dict[str, str]:
+    """compare.json, compare.csv, compare.md and pareto.png in ``out``; returns the file names."""
+    from calmwild.io import save_figure
+    from calmwild.io import write_json
+
+    rows = comparison["rows"]
+    write_json(comparison, out / "compare.json")
+    columns = ["run", "label", "pareto"] + [k for k in rows[0] if k not in ("run", "label", "pareto")]
+    with open(out / "compare.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows)
+    quality = comparison["quality"]
+
+    def fmt(value: Any, pct: bool = False) -> str:
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}%" if pct else f"{value:.4g}"
+
+    lines = [f"| run | label | final memorization | final {quality} | best memorization (step) | best {quality} (step) "
+             "| Pareto |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        interval = row.get("final traj_mem/rate 95% interval")
+        rate = fmt(row[f"final {RATE_KEY}"], pct=True)
+        if interval:
+            rate += f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}] (n={row['traj_mem samples']})"
+        lines.append(
+            f"| {Path(row['run']).name} | {row['label']} | {rate} | {fmt(row[f'final {quality}'])} | "
+            f"{fmt(row[f'best {RATE_KEY}'], pct=True)} ({row[f'best {RATE_KEY} step']}) | "
+            f"{fmt(row[f'best {quality}'])} ({row[f'best {quality} step']}) | {'yes' if row['pareto'] else ''} |"
+        )
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    save_figure(plot_pareto(comparison), out / "pareto.png")
+    return {"json": "compare.json", "csv": "compare.csv", "markdown": "compare.md", "plot": "pareto.png"}

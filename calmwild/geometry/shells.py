@@ -1,0 +1,317 @@
+"""Gaussian shells (paper Section 4.1): the Laurent-Massart shell of Lemma 4.5, the shell coverage of the
+noised data distribution (Def. 4.6), the two-shell function (Def. 4.7) and Theorem 4.8's bounds on the coverage.
+
+Notation: training set Y = {y_1..y_N} in R^d, held-out points x from the same distribution, noise n ~ N(0, I_d).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import chi2, ncx2, norm
+from tqdm.auto import tqdm
+
+from calmwild.checks import check_count, check_sigmas
+from calmwild.geometry.noise import (
+    PAIR_BUDGET,
+    as_points,
+    check_shell_t,
+    cluster_mean_se,
+    noisy_copies,
+    pair_distances,
+    seeded_generator,
+    unit_roundoff,
+)
+from calmwild.neighbors import knn, squared_distances
+
+
+def shell_radii(d: int, t: float = 5.0) -> tuple[float, float]:
+    """Radii (r_-, r_+) of the Gaussian shell of Lemma 4.5 (Laurent-Massart):
+
+        r_- = sqrt(d - 2 sqrt(d t)),  r_+ = sqrt(d + 2 sqrt(d t) + 2 t),  P(r_- <= ||n|| <= r_+) >= 1 - 2 e^{-t}
+
+    for n ~ N(0, I_d). When d - 2 sqrt(d t) < 0 (d < 4 t, e.g. d < 20 at the paper's t = 5) the lower radius is
+    clipped to 0: the shell becomes the ball of radius r_+ and the probability bound still holds (it only gets
+    looser). The paper uses t = 5.
+    """
+    d = check_count(d, "d")
+    t = check_shell_t(t)
+    inner = d - 2.0 * math.sqrt(d * t)
+    return math.sqrt(max(inner, 0.0)), math.sqrt(d + 2.0 * math.sqrt(d * t) + 2.0 * t)
+
+
+def shell_probability_bound(t: float = 5.0) -> float:
+    """Lemma 4.5's lower bound 1 - 2 e^{-t} on P(r_- <= ||n|| <= r_+) (0.9865 at t = 5)."""
+    return 1.0 - 2.0 * math.exp(-check_shell_t(t))
+
+
+@dataclass
+class CoverageCurve:
+    """Result of :func:`shell_coverage`; tensors are float64 [S] in the order of ``sigmas``."""
+
+    sigmas: torch.Tensor
+    coverage: torch.Tensor
+    coverage_se: torch.Tensor
+    num_queries: int
+    num_noises: int
+    t: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"coverage": {"mean": self.coverage.tolist(), "se": self.coverage_se.tolist()}}
+
+
+def _any_in_shell(
+    x: torch.Tensor,
+    lo2: torch.Tensor,
+    hi2: torch.Tensor,
+    y: torch.Tensor,
+    y_sq: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """For each row x_q: does ANY reference y_j satisfy lo2_q <= ||x_q - y_j||^2 <= hi2_q?  (bool [B])
+
+    Squared distances come from one matrix product per chunk (``squared_distances``); its rounding error is at most
+    about 2 gamma_d (||x||^2 + ||y||^2) with gamma_d = d u / (1 - d u) (inner products of length d at unit roundoff
+    u). One margin per row, M_q = tol (||x_q||^2 + max_j ||y_j||^2) + 4 u hi2_q, bounds that error for every pair of
+    the chunk: a computed value in [lo2 + M, hi2 - M] is certainly inside the shell, one outside [lo2 - M, hi2 + M]
+    certainly outside. Only a row with no certain hit has its pairs in between recomputed exactly as
+    sum((x - y)^2) in float64, so membership is decided exactly (for the stored query values) at any noise level.
+    Rows already covered are dropped from later chunks.
+    """
+    b, dim = x.shape
+    u = unit_roundoff(y.dtype)
+    # When d u >= 1/2 the bound is vacuous; a margin of 2 (||x||^2 + ||y||^2) then sends every pair to float64.
+    gamma = dim * u / (1.0 - dim * u) if dim * u < 0.5 else 1.0
+    tol = 2.0 * gamma + 8.0 * u
+    covered = torch.zeros(b, dtype=torch.bool, device=y.device)
+    x_sq = (x * x).sum(dim=1)
+    pair_batch = max(1, PAIR_BUDGET // dim)
+    for start in range(0, y.shape[0], chunk_size):
+        active = (~covered).nonzero(as_tuple=True)[0]
+        if active.numel() == 0:
+            break
+        stop = min(start + chunk_size, y.shape[0])
+        xa, yc = x[active], y[start:stop]
+        d2 = squared_distances(xa, yc, y_sq[start:stop])
+        lo = lo2[active].to(d2.dtype).unsqueeze(1)
+        hi = hi2[active].to(d2.dtype).unsqueeze(1)
+        margin = tol * (x_sq[active].unsqueeze(1) + y_sq[start:stop].max()) + 4.0 * u * hi
+        hit = ((d2 >= lo + margin) & (d2 <= hi - margin)).any(dim=1)
+        missed = (~hit).nonzero(as_tuple=True)[0]
+        # in a row without a certain hit, every pair inside the widened shell is near a boundary: decide it exactly
+        near = (d2[missed] >= lo[missed] - margin[missed]) & (d2[missed] <= hi[missed] + margin[missed])
+        rows, cols = near.nonzero(as_tuple=True)
+        rows = missed[rows]
+        for s in range(0, rows.numel(), pair_batch):
+            r, c = rows[s : s + pair_batch], cols[s : s + pair_batch]
+            exact = (xa[r].to(torch.float64) - yc[c].to(torch.float64)).pow(2).sum(dim=1)
+            inside = (exact >= lo2[active[r]]) & (exact <= hi2[active[r]])
+            hit[r[inside]] = True
+        covered[active] |= hit
+    return covered
+
+
+def shell_coverage(
+    train: torch.Tensor,
+    heldout: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    num_queries: int = 500,
+    num_noises: int = 20,
+    t: float = 5.0,
+    seed: int = 0,
+    chunk_size: int = 4096,
+    batch_size: int = 1024,
+    progress: bool = False,
+) -> CoverageCurve:
+    """Gaussian-shell coverage C_sigma(Y) (Def. 4.6) by Monte Carlo:
+
+        C_sigma(Y) = P_{x ~ p_data, n}( x + sigma n lies in  U_i S_sigma(y_i) ),
+        S_sigma(y) = { z : sigma r_- <= ||z - y|| <= sigma r_+ }   (radii from :func:`shell_radii`).
+
+    x runs over ``num_queries`` held-out points drawn without replacement (all of them if there are fewer), each
+    with ``num_noises`` noises shared across levels. A noisy point is covered iff SOME training point lies at a
+    distance in [sigma r_-, sigma r_+] -- not only the nearest one, which may be too close (inside r_-). The test
+    is exact (see :func:`_any_in_shell`); pass float64 tensors to avoid almost all float64 recomputation.
+    The standard error is std / sqrt(Q) of the per-query coverage fractions (clusters = held-out points).
+    """
+    y = as_points(train, "train", min_count=1)
+    h = as_points(heldout, "heldout", min_count=1)
+    if h.shape[1] != y.shape[1]:
+        raise ValueError(f"heldout has {h.shape[1]} features per point but train has {y.shape[1]}")
+    sig = check_sigmas(sigmas)
+    num_queries = check_count(num_queries, "num_queries")
+    num_noises = check_count(num_noises, "num_noises")
+    batch_size = check_count(batch_size, "batch_size")
+    r_minus, r_plus = shell_radii(y.shape[1], t)
+    h = h.to(device=y.device, dtype=y.dtype)
+    gen = seeded_generator(y.device, seed)
+    query_index = torch.randperm(h.shape[0], generator=gen, device=y.device)[: min(num_queries, h.shape[0])]
+    q, num_levels = query_index.shape[0], sig.shape[0]
+    sig_dev = sig.to(y.device)
+    lo2_levels, hi2_levels = (sig_dev * r_minus) ** 2, (sig_dev * r_plus) ** 2
+    y_sq = (y * y).sum(dim=1)
+    hits = torch.zeros(num_levels * q, dtype=torch.float64, device=y.device)
+    total = num_levels * q * num_noises
+    with tqdm(total=total, desc="shell coverage", unit="query", disable=not progress) as bar:
+        for x, _, cell, _ in noisy_copies(h[query_index], sig_dev.to(y.dtype), num_noises, gen, batch_size, bar):
+            level = cell // q
+            inside = _any_in_shell(x, lo2_levels[level], hi2_levels[level], y, y_sq, chunk_size)
+            hits.index_add_(0, cell, inside.to(torch.float64))
+    mean, se = cluster_mean_se((hits / num_noises).reshape(num_levels, q).cpu())
+    return CoverageCurve(sig, mean, se, q, num_noises, float(t))
+
+
+# ------------------------------------------------------------------------------------------ two-shell function
+def _ratio_squared(r: Any, sigma: Any) -> np.ndarray:
+    """(r / sigma)^2 broadcast, as float64 numpy; validates r >= 0 and sigma > 0."""
+    r_np = np.asarray(r.detach().cpu().numpy() if isinstance(r, torch.Tensor) else r, dtype=np.float64)
+    s_np = np.asarray(sigma.detach().cpu().numpy() if isinstance(sigma, torch.Tensor) else sigma, dtype=np.float64)
+    if np.any(~np.isfinite(r_np)) or np.any(r_np < 0):
+        raise ValueError(f"distances r must be finite and non-negative, got min {np.min(r_np, initial=0.0)}")
+    if np.any(~np.isfinite(s_np)) or np.any(s_np <= 0):
+        raise ValueError(f"sigma must be finite and positive, got {s_np.tolist()}")
+    with np.errstate(over="ignore"):
+        return (r_np / s_np) ** 2
+
+
+def _two_shell_normal(nc: np.ndarray, d: int, lo: float, hi: float) -> np.ndarray:
+    """Normal approximation of P(lo <= X <= hi), X ~ noncentral chi2(d, nc), matching mean d + nc and variance
+    2 (d + 2 nc). Used only where scipy's noncentral chi-square returns a non-finite value (huge nc, where the
+    true answer underflows to 0 and so does this one)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = d + nc
+        std = np.sqrt(2.0 * (d + 2.0 * nc))
+        return norm.cdf((hi - mean) / std) - norm.cdf((lo - mean) / std)
+
+
+def two_shell_probability(r: Any, sigma: Any, d: int, t: float = 5.0) -> torch.Tensor:
+    """Two-shell function f_sigma(r) (Def. 4.7) in closed form:
+
+        f_sigma(r) = P_n( sigma r_- <= || r e_1 + sigma n || <= sigma r_+ )
+                   = F(r_+^2) - F(r_-^2),   F = CDF of the noncentral chi-square(df = d, nc = (r / sigma)^2),
+
+    since ||(r / sigma) e_1 + n||^2 is noncentral chi-square (central when r = 0). ``r`` and ``sigma`` broadcast
+    (arrays or tensors); returns a float64 CPU tensor of the broadcast shape. scipy's ``ncx2`` is accurate for
+    d up to at least 12288 and nc up to ~1e18; beyond that it returns NaN and a moment-matched normal
+    approximation (which is 0 there, like the truth) is used instead.
+    """
+    d = check_count(d, "d")
+    r_minus, r_plus = shell_radii(d, t)
+    nc = _ratio_squared(r, sigma)
+    lo, hi = r_minus**2, r_plus**2
+    out = np.empty(nc.shape, dtype=np.float64)
+    central = nc == 0
+    out[central] = chi2.cdf(hi, d) - chi2.cdf(lo, d)
+    rest = ~central
+    with np.errstate(all="ignore"):
+        out[rest] = ncx2.cdf(hi, d, nc[rest]) - ncx2.cdf(lo, d, nc[rest])
+    failed = ~np.isfinite(out)
+    if np.any(failed):
+        out[failed] = _two_shell_normal(nc[failed], d, lo, hi)
+    return torch.from_numpy(np.asarray(np.clip(out, 0.0, 1.0), dtype=np.float64))
+
+
+def two_shell_probability_mc(
+    r: Any, sigma: Any, d: int, t: float = 5.0, num_samples: int = 100_000, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monte Carlo estimate of f_sigma(r) (Def. 4.7) and its binomial standard error sqrt(f (1 - f) / M).
+
+    One set of M = ``num_samples`` Gaussian vectors n ~ N(0, I_d) is drawn (seeded, CPU) and reused for every r,
+    as in App. E.2: ||(r / sigma) e_1 + n||^2 = (r / sigma)^2 + 2 (r / sigma) n_1 + ||n||^2, so only n_1 and ||n||^2
+    of each sample are kept. Returns float64 CPU tensors of the broadcast shape of ``r`` and ``sigma``.
+    """
+    d = check_count(d, "d")
+    num_samples = check_count(num_samples, "num_samples")
+    r_minus, r_plus = shell_radii(d, t)
+    ratio = torch.from_numpy(np.sqrt(_ratio_squared(r, sigma)))
+    gen = seeded_generator(torch.device("cpu"), seed)
+    first, sq_norm = [], []
+    rows = max(1, PAIR_BUDGET // d)
+    for start in range(0, num_samples, rows):
+        n = torch.randn(min(rows, num_samples - start), d, generator=gen, dtype=torch.float64)
+        first.append(n[:, 0])
+        sq_norm.append(n.pow(2).sum(dim=1))
+    n1, s = torch.cat(first), torch.cat(sq_norm)
+    flat = ratio.reshape(-1)
+    frac = torch.empty_like(flat)
+    for start in range(0, flat.numel(), max(1, PAIR_BUDGET // num_samples)):
+        a = flat[start : start + max(1, PAIR_BUDGET // num_samples)].unsqueeze(1)
+        q = a * a + 2.0 * a * n1.unsqueeze(0) + s.unsqueeze(0)
+        frac[start : start + a.shape[0]] = ((q >= r_minus**2) & (q <= r_plus**2)).to(torch.float64).mean(dim=1)
+    frac = frac.reshape(ratio.shape)
+    return frac, torch.sqrt(frac * (1.0 - frac) / num_samples)
+
+
+# ---------------------------------------------------------------------------------------- Theorem 4.8 bounds
+@dataclass
+class CoverageBounds:
+    """Result of :func:`coverage_bounds`; tensors are float64 [S] in the order of ``sigmas``.
+
+    ``upper`` is min(1, N E[f]) and ``upper_se`` the standard error of the uncapped N E[f] (``upper_uncapped``).
+    """
+
+    sigmas: torch.Tensor
+    lower: torch.Tensor
+    lower_se: torch.Tensor
+    upper: torch.Tensor
+    upper_se: torch.Tensor
+    upper_uncapped: torch.Tensor
+    num_queries: int
+    num_pairs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lower": {"mean": self.lower.tolist(), "se": self.lower_se.tolist()},
+            "upper": {
+                "mean": self.upper.tolist(),
+                "se": self.upper_se.tolist(),
+                "uncapped": self.upper_uncapped.tolist(),
+            },
+        }
+
+
+def coverage_bounds(
+    train: torch.Tensor,
+    heldout: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    t: float = 5.0,
+    num_pairs: int = 10_000,
+    num_queries: int | None = None,
+    seed: int = 0,
+) -> CoverageBounds:
+    """Theorem 4.8's bounds on the coverage, with f_sigma from :func:`two_shell_probability` (closed form):
+
+        lower = E_x[ f_sigma(d_NN(x, Y)) ]  <=  C_sigma(Y)  <=  min(1, N E_{x, x'}[ f_sigma(||x - x'||) ]) = upper.
+
+    The lower bound averages over held-out points x (``num_queries`` drawn without replacement, default all) with
+    their exact nearest-neighbour distance into the training set (:func:`calmwild.neighbors.knn`). The upper bound
+    averages over ``num_pairs`` independent pairs (x held-out, x' training), drawn with replacement -- x' stands for
+    an independent draw from the data distribution, as in App. E.2. Standard errors: std / sqrt(count) of the
+    summands (times N for the upper bound).
+    """
+    y = as_points(train, "train", min_count=1)
+    h = as_points(heldout, "heldout", min_count=1)
+    if h.shape[1] != y.shape[1]:
+        raise ValueError(f"heldout has {h.shape[1]} features per point but train has {y.shape[1]}")
+    sig = check_sigmas(sigmas)
+    num_pairs = check_count(num_pairs, "num_pairs")
+    n, m, dim = y.shape[0], h.shape[0], y.shape[1]
+    h = h.to(device=y.device, dtype=y.dtype)
+    gen = seeded_generator(torch.device("cpu"), seed)
+    count = m if num_queries is None else min(check_count(num_queries, "num_queries"), m)
+    query_index = torch.randperm(m, generator=gen)[:count].to(y.device)
+    nn_dist = knn(h[query_index], y, k=1)[0][:, 0].to(device="cpu", dtype=torch.float64)
+    i = torch.randint(m, (num_pairs,), generator=gen).to(y.device)
+    j = torch.randint(n, (num_pairs,), generator=gen).to(y.device)
+    pair_dist = pair_distances(h[i], y[j])
+    f_nn = two_shell_probability(nn_dist.unsqueeze(0), sig.unsqueeze(1), dim, t)
+    f_pair = two_shell_probability(pair_dist.unsqueeze(0), sig.unsqueeze(1), dim, t)
+    lower, lower_se = cluster_mean_se(f_nn)
+    upper_mean, upper_se = cluster_mean_se(f_pair)
+    uncapped = n * upper_mean
+    return CoverageBounds(sig, lower, lower_se, uncapped.clamp(max=1.0), n * upper_se, uncapped, count, num_pairs)

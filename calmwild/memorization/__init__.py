@@ -1,0 +1,29 @@
+"""Memorization metrics (paper Section 3), one module per object:
+
+- :mod:`~calmwild.memorization.ratio`: the ratio test d1/d2 < 1/3 (Yoon et al. 2023), rates with cluster-robust
+  standard errors, trajectory-level memorization;
+- :mod:`~calmwild.memorization.per_sigma`: per-noise-level MSE (eq. 5) and memorization, sharded by item;
+- :mod:`~calmwild.memorization.report`: their JSON sections, logged metric names and figures.
+"""
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "RATIO_THRESHOLD": "ratio", "RatioTestResult": "ratio", "TrajectoryMemorization": "ratio",
+    "mean_and_stderr": "ratio", "ratio_test": "ratio", "trajectory_memorization": "ratio",
+    "PerSigmaMSE": "per_sigma", "PerSigmaMemorization": "per_sigma", "item_ids": "per_sigma",
+    "item_noise": "per_sigma", "per_sigma_errors": "per_sigma", "per_sigma_memorization": "per_sigma",
+    "per_sigma_mse": "per_sigma", "per_sigma_ratio_tests": "per_sigma", "summarize_errors": "per_sigma",
+    "summarize_ratio_tests": "per_sigma",
+    "memorization_report": "report", "mse_report": "report", "nearest_pairs_grid": "report",
+    "plot_per_sigma_memorization": "report", "plot_per_sigma_mse": "report", "plot_ratio_histogram": "report",
+    "plot_sigma_curves": "report", "trajectory_report": "report",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"calmwild.memorization.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'calmwild.memorization' has no attribute {name!r}")

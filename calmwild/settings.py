@@ -1,0 +1,184 @@
+"""The settings that several commands and callbacks share, one small dataclass each, so every setting has one
+default. jsonargparse turns a dataclass argument into nested options (``--sampling.steps 18`` on the command line,
+``sampling: {steps: 18}`` in a config).
+
+- :class:`SamplingSettings`: how samples are generated (EDM's sampler, paper eq. 4);
+- :class:`PerSigmaSettings`: the items of the per-noise-level metrics (paper eq. 5, Section 3);
+- :class:`GeometrySettings`: the Monte Carlo sizes and levels of the dataset geometry (paper Section 4);
+- :class:`FIDSettings`: the feature space and reference set of a Frechet distance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from calmwild.checks import check_choice, check_count, check_open_unit, check_positive, check_sigmas
+
+SOLVERS = ("heun", "euler")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How samples are drawn with EDM's sampler (Karras et al. 2022, Alg. 2; the probability-flow ODE of paper
+    eq. 4 on EDM's rho = 7 schedule).
+
+    Attributes:
+        steps: noise levels of the schedule (EDM: 18, i.e. 35 evaluations with Heun).
+        solver: ``heun`` (2nd order, two evaluations per step) or ``euler``.
+        s_churn: EDM's stochasticity (0: the deterministic ODE).
+        seed: sample i starts from noise seeded with seed + i, so a sample does not depend on its batch.
+        batch_size: samples per sampler batch.
+        precision: network arithmetic: ``fp32``, or ``bf16`` autocast (faster on GPUs; closed-form denoisers
+            always compute in float32 / float64).
+    """
+
+    steps: int = 18
+    solver: Literal["heun", "euler"] = "heun"
+    s_churn: float = 0.0
+    seed: int = 0
+    batch_size: int = 256
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        check_count(self.steps, "steps")
+        check_choice(self.solver, "solver", SOLVERS)
+        if not self.s_churn >= 0:
+            raise ValueError(f"s_churn must be >= 0, got {self.s_churn}")
+        check_count(self.seed, "seed", 0)
+        check_count(self.batch_size, "batch_size")
+        check_choice(self.precision, "precision", PRECISIONS)
+
+    def generate_kwargs(self) -> dict:
+        """The keyword arguments of :func:`calmwild.sampling.generate` these settings decide."""
+        return {"seed": self.seed, "batch_size": self.batch_size, "num_steps": self.steps, "solver": self.solver,
+                "s_churn": self.s_churn}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PerSigmaSettings:
+    """The items of a per-noise-level metric: the first ``num_images`` images of a set, each noised
+    ``num_noises`` times with seeded noise, at every noise level of ``sigmas``.
+
+    Attributes:
+        sigmas: noise levels; None: EDM's 18-step sampling schedule 80 ... 0.002 (paper App. E.1).
+        num_images: at most this many images (the first ones) of each set.
+        num_noises: seeded noise draws per image.
+        seed: noise seed: the noise of (image i, draw j) depends only on seed, i and j.
+        batch_size: denoiser batch size.
+    """
+
+    sigmas: list[float] | None = None
+    num_images: int = 256
+    num_noises: int = 1
+    seed: int = 0
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.sigmas is not None:
+            check_sigmas(self.sigmas, distinct_names=True)
+        check_count(self.num_images, "num_images")
+        check_count(self.num_noises, "num_noises")
+        check_count(self.seed, "seed", 0)
+        check_count(self.batch_size, "batch_size")
+
+    def sigma_list(self) -> list[float]:
+        """The noise levels as a list (the default schedule resolved)."""
+        from calmwild.schedule import edm_sigma_steps
+
+        if self.sigmas is None:
+            return edm_sigma_steps(DEFAULT_PER_SIGMA_LEVELS).tolist()
+        return check_sigmas(self.sigmas, distinct_names=True).tolist()
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sigmas": [round(s, 6) for s in self.sigma_list()]}
+
+
+DEFAULT_PER_SIGMA_LEVELS = 18  # EDM's sampling schedule (paper App. E.1)
+
+
+@dataclass(frozen=True)
+class GeometrySettings:
+    """The dataset geometry of paper Section 4: Monte Carlo sizes, the shell width and the levels that define the
+    danger zone.
+
+    Attributes:
+        num_levels: noise levels of the grid (EDM's rho schedule, 40 as in App. E.2).
+        num_points: training base points of the posterior-weight curves (Def. 4.1).
+        num_noises: noises per base point.
+        num_queries: held-out points of the coverage curve (Def. 4.6).
+        num_coverage_noises: noises per held-out point.
+        num_pairs: held-out / training pairs of the Theorem 4.8 upper bound.
+        num_threshold_points: training points of the Theorem 4.2 thresholds (the paper used 20).
+        t: Lemma 4.5's shell parameter (5: probability >= 0.9865).
+        eps, delta: Theorem 4.2's posterior-weight level and failure probability.
+        weight_level, coverage_level: the danger zone is where the max posterior weight and the coverage are both at
+            least these.
+        seed: seed of the Monte Carlo estimates.
+    """
+
+    num_levels: int = 40
+    num_points: int = 100
+    num_noises: int = 100
+    num_queries: int = 500
+    num_coverage_noises: int = 20
+    num_pairs: int = 10_000
+    num_threshold_points: int = 20
+    t: float = 5.0
+    eps: float = 0.05
+    delta: float = 0.05
+    weight_level: float = 0.5
+    coverage_level: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_levels", "num_points", "num_noises", "num_queries", "num_coverage_noises", "num_pairs",
+                     "num_threshold_points"):
+            check_count(getattr(self, name), name, 2 if name == "num_levels" else 1)
+        check_positive(self.t, "t")
+        for name in ("eps", "delta", "weight_level", "coverage_level"):
+            check_open_unit(getattr(self, name), name)
+        check_count(self.seed, "seed", 0)
+
+    def sigma_grid(self):
+        """The ascending grid of noise levels: EDM's rho schedule with ``num_levels`` levels."""
+        from calmwild.schedule import edm_sigma_steps
+
+        return edm_sigma_steps(self.num_levels).flip(0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FID_FEATURES = ("inception", "random")
+
+
+@dataclass(frozen=True)
+class FIDSettings:
+    """The Frechet distance of generated samples to a reference set (FID with Inception features).
+
+    Attributes:
+        feature_extractor: ``inception`` (FID proper; needs torch-fidelity's InceptionV3 weights, see
+            ``weights_path``) or ``random`` (a fixed random conv net: a consistency check, not comparable with FID).
+        weights_path: InceptionV3 weights file (default: $TORCH_HOME/hub/checkpoints/, downloaded if reachable).
+        reference: ``train`` or ``heldout`` (a set of the datamodule), a folder of images, a ``.npz`` of reference
+            statistics (``mu``, ``sigma``), or ``torch-fidelity:<name>`` (one of torch-fidelity's registered sets).
+        cache_dir: where reference statistics are cached (default: a ``fid_cache`` folder of the output).
+    """
+
+    feature_extractor: Literal["inception", "random"] = "inception"
+    weights_path: str | None = None
+    reference: str = "train"
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.feature_extractor, "feature_extractor", FID_FEATURES)
+        if not isinstance(self.reference, str) or not self.reference:
+            raise ValueError(f"reference must name a reference set, got {self.reference!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,190 @@
+"""Intervals for the rates and means calmwild reports: every rate comes with an interval and its sample count.
+
+- :func:`wilson_interval`: a binomial proportion k / n (one model's memorization rate over n samples), Wilson's score
+  interval (E. B. Wilson 1927), which stays inside [0, 1] and behaves at k = 0 or k = n where the normal
+  approximation collapses to a point.
+- :func:`mean_interval`: the mean of a few independent values (one rate per training seed), Student's t interval.
+- :func:`difference_interval`: the difference of two such means (Welch's t interval with the Welch-Satterthwaite
+  degrees of freedom), for "the intervention lowers the rate": the interval of the difference, not two intervals.
+
+Rank statistics: :func:`midranks` (ties as mean ranks), :func:`auroc` (exact, the Mann-Whitney U statistic),
+:func:`spearman`, and the null standard deviations of both for a score that knows nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats as scipy_stats
+
+from calmwild.checks import check_count
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its two-sided ``confidence`` interval [low, high] and the sample count behind it."""
+
+    estimate: float
+    low: float
+    high: float
+    count: int
+    confidence: float = 0.95
+
+    def excludes(self, value: float) -> bool:
+        return not self.low <= value <= self.high
+
+    def as_dict(self) -> dict:
+        return {"estimate": self.estimate, "low": self.low, "high": self.high, "count": self.count,
+                "confidence": self.confidence}
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.3g} [{self.low:.3g}, {self.high:.3g}] (n={self.count})"
+
+
+def _check_confidence(confidence: float) -> float:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    return confidence
+
+
+def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> Interval:
+    """Wilson's score interval for the proportion ``successes / trials``:
+
+        centre = (p + z^2 / 2n) / (1 + z^2 / n),   half-width = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n),
+
+    z the two-sided normal quantile of ``confidence``."""
+    _check_confidence(confidence)
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}")
+    p, n = successes / trials, trials
+    z = float(scipy_stats.norm.ppf(0.5 + confidence / 2))
+    denominator = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n, confidence)
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
+    """Student's t interval of the mean of independent ``values`` (at least 2): mean +- t_{n-1} s / sqrt(n)."""
+    _check_confidence(confidence)
+    x = [float(v) for v in values]
+    n = len(x)
+    if n < 2:
+        raise ValueError(f"an interval of a mean needs at least 2 values, got {n}")
+    mean = sum(x) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n, confidence)
+
+
+def difference_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Interval:
+    """Welch's t interval of mean(a) - mean(b) for independent samples (at least 2 each); the degrees of freedom
+    are Welch-Satterthwaite's. With no spread in either sample the interval is the point difference."""
+    _check_confidence(confidence)
+    x, y = [float(v) for v in a], [float(v) for v in b]
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError(f"a difference interval needs at least 2 values per group, got {len(x)} and {len(y)}")
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    vx = sum((v - mx) ** 2 for v in x) / (len(x) - 1) / len(x)
+    vy = sum((v - my) ** 2 for v in y) / (len(y) - 1) / len(y)
+    diff = mx - my
+    if vx + vy == 0.0:
+        return Interval(diff, diff, diff, len(x) + len(y), confidence)
+    dof = (vx + vy) ** 2 / ((vx * vx / (len(x) - 1) if vx else 0.0) + (vy * vy / (len(y) - 1) if vy else 0.0))
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, dof)) * math.sqrt(vx + vy)
+    return Interval(diff, diff - half, diff + half, len(x) + len(y), confidence)
+
+
+# ------------------------------------------------------------------------------------------------ rank statistics
+def as_vector(values: object, name: str) -> np.ndarray:
+    """A 1-D float64 array of finite values (tensors, arrays and lists accepted)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    try:
+        out = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__}") from err
+    if out.ndim != 1 or out.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {out.shape}")
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"{name} contains non-finite values")
+    return out
+
+
+def as_mask(values: object, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    out = np.asarray(values)
+    if out.ndim != 1 or out.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D boolean mask, got shape {out.shape}")
+    if out.dtype != np.bool_:
+        if not np.all(np.isin(out, (0, 1))):
+            raise ValueError(f"{name} must be boolean (or 0/1), got values {np.unique(out)[:5].tolist()}")
+        out = out.astype(bool)
+    return out
+
+
+def midranks(values: object) -> np.ndarray:
+    """Ranks 1..n of ``values`` (float64), tied values sharing the mean of the ranks they span."""
+    x = as_vector(values, "values")
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], x.size]  # each tie group is [start, end) in sorted order
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # mean of ranks start+1 .. end
+    return ranks
+
+
+def auroc(scores: object, positives: object) -> float:
+    """Area under the ROC curve of ``scores`` for the ``positives`` (a boolean mask, 1-D, same length), exactly:
+
+        AUROC = P(score of a positive > score of a negative) + 0.5 P(equal)
+              = (R_+ - n_+ (n_+ + 1) / 2) / (n_+ n_-)      (Mann-Whitney U / (n_+ n_-)),
+
+    R_+ the sum of the positives' midranks (:func:`midranks`), which is how ties earn half a pair. 0.5 is chance
+    level, 1 a perfect ranking. ValueError when either class is empty (the AUROC is undefined)."""
+    s = as_vector(scores, "scores")
+    pos = as_mask(positives, "positives")
+    if s.size != pos.size:
+        raise ValueError(f"{s.size} scores for {pos.size} mask entries")
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"the AUROC needs positives and negatives, got {n_pos} positives and {n_neg} negatives")
+    rank_sum = float(midranks(s)[pos].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def spearman(a: object, b: object) -> float:
+    """Spearman's rank correlation: the Pearson correlation of the midranks of ``a`` and ``b`` (ties averaged,
+    as scipy.stats.spearmanr). ValueError for fewer than 2 values or a constant input (undefined)."""
+    x, y = as_vector(a, "a"), as_vector(b, "b")
+    if x.size != y.size:
+        raise ValueError(f"a has {x.size} values but b has {y.size}")
+    if x.size < 2:
+        raise ValueError(f"a rank correlation needs at least 2 values, got {x.size}")
+    for name, v in (("a", x), ("b", y)):
+        if np.all(v == v[0]):
+            raise ValueError(f"{name} is constant: the rank correlation is undefined")
+    rx, ry = midranks(x), midranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / math.sqrt((rx * rx).sum() * (ry * ry).sum()))
+
+
+def auroc_null_std(n_pos: int, n_neg: int) -> float:
+    """Standard deviation of the AUROC of a score independent of the labels (no ties):
+    sqrt((n_+ + n_- + 1) / (12 n_+ n_-)) (Mann-Whitney: Var U = n_+ n_- (n_+ + n_- + 1) / 12)."""
+    n_pos, n_neg = check_count(n_pos, "n_pos"), check_count(n_neg, "n_neg")
+    return math.sqrt((n_pos + n_neg + 1) / (12.0 * n_pos * n_neg))
+
+
+def spearman_null_std(n: int) -> float:
+    """Standard deviation of Spearman's rho between independent continuous variables: 1 / sqrt(n - 1)."""
+    n = check_count(n, "n")
+    if n < 2:
+        raise ValueError(f"n must be at least 2, got {n}")
+    return 1.0 / math.sqrt(n - 1)
