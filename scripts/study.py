@@ -67,7 +67,7 @@ from calmwild.memorization.report import plot_sigma_curves
 from calmwild.io import enlarge, pair_grid, save_png
 from calmwild.io import to_jsonable, write_json
 from calmwild.schedule import edm_sigma_steps
-from calmwild.geometry.zone import CROSSING_MIN_MARGIN
+from calmwild.geometry.zone import CROSSING_MIN_MARGIN, gap_band
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = {"digits": ROOT / "configs/study/digits.yaml", "digits_quick": ROOT / "configs/study/digits_quick.yaml",
@@ -331,20 +331,18 @@ class Study:
                                self.s["risk_k"], "--risk_noises", self.s["risk_noises"],
                                *[x for k, v in g.items() for x in (f"--geometry.{k}", v)])
         zone = report["danger_zone"]
-        if not zone["empty"]:
-            lo, hi = zone["sigma"]
-            source = f"danger zone (max weight >= {zone['weight_level']}, coverage >= {zone['coverage_level']})"
-        elif zone["crossing"]["sigma"] is not None:
-            c = zone["crossing"]["sigma"]
-            lo, hi = c / CROSSING_MIN_MARGIN, c * CROSSING_MIN_MARGIN  # as DangerZoneGap(if_empty="crossing")
-            source = (f"danger zone empty at the levels (joint level at most {zone['max_joint_level']:.3f}): "
-                      f"the crossing sigma of the two curves x/÷ {CROSSING_MIN_MARGIN}")
-        else:
+        if zone["empty"] and zone["crossing"]["sigma"] is None:
             raise RuntimeError("the weight and coverage curves never cross on the sigma grid: no band to remove; "
                                "see geometry/geometry.png")
-        margin = self.s["gap_margin"]
+        if not zone["empty"]:
+            source = f"danger zone (max weight >= {zone['weight_level']}, coverage >= {zone['coverage_level']})"
+        else:
+            source = (f"danger zone empty at the levels (joint level at most {zone['max_joint_level']:.3f}): "
+                      f"the crossing sigma of the two curves x/÷ {CROSSING_MIN_MARGIN}")
+        lo, hi = gap_band(zone, 1.0, if_empty="crossing")
+        gap_lo, gap_hi = gap_band(zone, self.s["gap_margin"], if_empty="crossing")  # as DangerZoneGap builds it
         return {"danger_zone": zone, "band": [lo, hi], "band_source": source,
-                "gap_band": [lo / margin, hi * margin], "risk_sigma": report["risk"]["bandwidth_sigma"],
+                "gap_band": [gap_lo, gap_hi], "risk_sigma": report["risk"]["bandwidth_sigma"],
                 "sigmas": report["sigmas"], "max_weight": report["max_weight"]["mean"],
                 "coverage": report["coverage"]["mean"], "dataset": report["dataset"],
                 "files": {"json": "geometry/geometry.json", "png": "geometry/geometry.png"}}
