@@ -2,11 +2,14 @@
 
 Configure them under ``trainer.callbacks`` with class paths ``callbacks.PerSigmaMSE``,
 ``callbacks.PerSigmaMemorization``,
-``callbacks.TrajectoryMemorization``, ``callbacks.FID`` and ``callbacks.SampleGrid``.
+``callbacks.TrajectoryMemorization``, ``callbacks.FID`` and ``callbacks.SampleGrid``; ``callbacks.SampleWriter``
+writes the samples of ``calmwild predict``.
 """
 
 from callbacks.base import EvaluationCallback
 from callbacks.per_sigma import PerSigmaMemorization, PerSigmaMSE
+from callbacks.predict import SampleWriter
 from callbacks.samples import FID, SampleGrid, TrajectoryMemorization
 
-__all__ = ["EvaluationCallback", "FID", "PerSigmaMSE", "PerSigmaMemorization", "SampleGrid", "TrajectoryMemorization"]
+__all__ = ["EvaluationCallback", "FID", "PerSigmaMSE", "PerSigmaMemorization", "SampleGrid", "SampleWriter",
+           "TrajectoryMemorization"]

@@ -11,13 +11,16 @@ exactly the EMA a ModelCheckpoint written at step N holds (checkpoint callbacks 
 The end-of-training evaluation runs after the last update.
 
 Files (rank 0), under ``<trainer.default_root_dir>/eval/<name>/``: ``step_<global_step:07d>.json`` (settings,
-results, metrics, seconds), ``step_<global_step:07d>.png`` (the evaluation's plot or image grid) and
-``history.json`` (every evaluation's scalar metrics so far, kept in the callback state across resumes).
+results, metrics, seconds), ``step_<global_step:07d>.png`` (the evaluation's plot or image grid),
+``<curve>_heatmap.png`` (each per-sigma curve over every evaluation so far, :func:`calmwild.plots.sigma_step_heatmap`;
+redrawn at every evaluation under a WandbLogger, otherwise at the end of training) and ``history.json`` (every
+evaluation's scalar metrics so far, kept in the callback state across resumes).
 
-Logging (rank 0): ``logger.log_metrics(metrics, step=trainer.global_step)`` on every logger (step-level
-``self.log`` can be dropped when the step does not line up with ``log_every_n_steps``); for a WandbLogger also a
-``wandb.plot.line_series`` snapshot of each per-sigma curve and ``log_image`` for image grids; for a
-TensorBoardLogger ``add_image``.
+Logging (rank 0): ``logger.log_metrics(metrics, step=...)`` on every logger (step-level ``self.log`` can be dropped
+when the step does not line up with ``log_every_n_steps``); the same metrics also reach ``trainer.callback_metrics``
+through ``pl_module.log(logger=False)``, for ``ModelCheckpoint`` / ``EarlyStopping(monitor=...)``. A WandbLogger
+also gets, per curve, a ``wandb.Table`` of (step, sigma, series, value) over every evaluation so far and its heatmap,
+and every PNG of the step as an image (``log_image``); a TensorBoardLogger gets the image grids (``add_image``).
 """
 
 from __future__ import annotations
@@ -35,21 +38,28 @@ from matplotlib.figure import Figure
 from calmwild.checks import check_count
 from calmwild.evaluation import Gather, shard_bounds
 from calmwild.io import save_figure, save_png, write_json
+from calmwild.plots import sigma_step_heatmap
+from calmwild.runs import evaluation_name
 from calmwild.settings import SamplingSettings
 from callbacks.interrupt import interrupt_pending
 from callbacks.sharding import DEVICE_CACHE, SHARED_SAMPLES, gather_rows
 
 PHASE_BATCH_END = "train_batch_end"
 PHASE_TRAIN_END = "train_end"
+PHASE_VALIDATE = "validate"
+PHASE_TEST = "test"
+EVALUATED_STAGES = ("fit", PHASE_VALIDATE, PHASE_TEST)
 
 
 class Curve(NamedTuple):
-    """A curve logged to W&B as a ``line_series`` snapshot: one x grid, named y series of the same length."""
+    """A curve of one evaluation: one x grid (sigma), named y series of the same length, and whether its PNG shows
+    the values on a log axis. Across evaluations the curves become a sigma x step table and heatmap."""
 
     xs: list[float]
     ys: dict[str, list[float]]
     title: str
     xname: str = "sigma"
+    log_values: bool = False
 
 
 class Evaluation(NamedTuple):
@@ -57,7 +67,7 @@ class Evaluation(NamedTuple):
 
     metrics: scalars to log (may be empty); record: the JSON body; figure: a matplotlib Figure written as the step's
     PNG; image: a [3, H, W] grid in [0, 1] written as the step's PNG (if no figure) and logged as an image under
-    ``image_key``; curves: W&B line-series snapshots keyed by logged name.
+    ``image_key``; curves: per-sigma curves keyed by logged name (accumulated into sigma x step tables).
     """
 
     metrics: dict[str, float]
@@ -78,8 +88,12 @@ class Context(NamedTuple):
     device: torch.device
 
 
-def _snake_case(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+def evaluated_step(trainer: Trainer, pl_module: LightningModule) -> int:
+    """The training step of the weights being evaluated: the trainer's step during a fit, the checkpoint's step in
+    ``validate`` / ``test`` (which load the weights themselves: :meth:`DiffusionModule.load_network_weights`)."""
+    if trainer.state.fn == "fit":
+        return trainer.global_step
+    return int(getattr(pl_module, "evaluated_step", trainer.global_step))
 
 
 class EvaluationCallback(Callback):
@@ -92,6 +106,8 @@ class EvaluationCallback(Callback):
             snake case. Two evaluation callbacks of one trainer must have different names.
     """
 
+    metric_prefixes: tuple[str, ...] = ()  # the prefixes of the metric keys this callback logs (``traj_mem/``)
+
     def __init__(self, every_n_steps: int = 1000, at_train_end: bool = True, name: str | None = None):
         super().__init__()
         self.every_n_steps = check_count(every_n_steps, "every_n_steps")
@@ -100,9 +116,10 @@ class EvaluationCallback(Callback):
         self.at_train_end = at_train_end
         if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name)):
             raise ValueError(f"name must be a non-empty string of letters, digits, '_', '.', '-', got {name!r}")
-        self.name = name or _snake_case(type(self).__name__)
+        self.name = name or evaluation_name(type(self).__name__)
         self.last_step: int | None = None
         self.history: list[dict[str, Any]] = []
+        self.curve_rows: dict[str, list[list]] = {}  # curve key -> rows [step, sigma, series, value], all evaluations
 
     # ------------------------------------------------------------------ to be provided by subclasses
     def settings(self) -> dict[str, Any]:
@@ -123,15 +140,17 @@ class EvaluationCallback(Callback):
         return self._generate_state_key(name=self.name, every_n_steps=self.every_n_steps, **self.settings())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, "history": list(self.history)}
+        return {"last_step": self.last_step, "history": list(self.history),
+                "curve_rows": {key: list(rows) for key, rows in self.curve_rows.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = state_dict.get("last_step")
         self.history = list(state_dict.get("history", []))
+        self.curve_rows = {key: list(rows) for key, rows in state_dict.get("curve_rows", {}).items()}
 
     # ------------------------------------------------------------------ schedule
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if stage not in EVALUATED_STAGES:
             return
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "train_images") or not hasattr(datamodule, "heldout_images"):
@@ -142,6 +161,23 @@ class EvaluationCallback(Callback):
             raise ValueError(f"two evaluation callbacks are named {self.name!r}; give each a distinct `name` "
                              "(it names the output directory)")
         self.check_world(trainer.world_size)
+        if stage == "fit":
+            self._check_monitors(trainer)
+
+    def _check_monitors(self, trainer: Trainer) -> None:
+        """A ModelCheckpoint that monitors one of this callback's metrics must look at it on the steps it is computed:
+        its ``every_n_train_steps`` a multiple of ``every_n_steps`` (otherwise it would pair a checkpoint with the
+        value of an earlier step, or wait for a validation loop that never comes)."""
+        for checkpoint in trainer.checkpoint_callbacks:
+            monitor = getattr(checkpoint, "monitor", None)
+            if not monitor or not monitor.startswith(self.metric_prefixes):
+                continue
+            every = getattr(checkpoint, "_every_n_train_steps", 0)
+            if not every or every % self.every_n_steps != 0:
+                raise ValueError(
+                    f"ModelCheckpoint(monitor={monitor!r}) checks every_n_train_steps={every or None}, but "
+                    f"{type(self).__name__} computes {monitor} every {self.every_n_steps} steps: set the checkpoint's "
+                    f"every_n_train_steps to {self.every_n_steps} (or a multiple of it)")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -157,10 +193,21 @@ class EvaluationCallback(Callback):
             return
         self.run(trainer, pl_module, PHASE_TRAIN_END)
 
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``calmwild validate``: one evaluation of the checkpoint (a fit's own validation loop, if one is configured,
+        does not trigger it: evaluations during training follow ``every_n_steps``)."""
+        if trainer.state.fn == PHASE_VALIDATE and not trainer.sanity_checking:
+            self.run(trainer, pl_module, PHASE_VALIDATE)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``calmwild test``: one evaluation of the checkpoint against the held-out set (see :meth:`reference_set`)."""
+        self.run(trainer, pl_module, PHASE_TEST)
+
     # ------------------------------------------------------------------ one evaluation
     def run(self, trainer: Trainer, pl_module: LightningModule, phase: str) -> Evaluation | None:
         """One evaluation on every rank; rank 0 writes and logs; all ranks meet at a barrier afterwards."""
-        ctx = Context(trainer.global_step, phase, trainer.global_rank, trainer.world_size, pl_module.device)
+        ctx = Context(evaluated_step(trainer, pl_module), phase, trainer.global_rank, trainer.world_size,
+                      pl_module.device)
         modes = [(module, module.training) for module in pl_module.modules()]
         start = time.perf_counter()
         try:
@@ -174,19 +221,42 @@ class EvaluationCallback(Callback):
         self.last_step = ctx.step
         if trainer.is_global_zero and result is not None:
             self.history.append({"step": ctx.step, "phase": phase, "seconds": seconds, **result.metrics})
-            self._write(trainer, ctx, result, seconds)
-            self._log(trainer, ctx.step, result)
+            for key, curve in (result.curves or {}).items():
+                self.curve_rows.setdefault(key, []).extend(
+                    [ctx.step, x, series, y] for series, ys in curve.ys.items() for x, y in zip(curve.xs, ys))
+            files = self._write(trainer, ctx, result, seconds)
+            self._log(trainer, ctx.step, result, files)
         metrics = trainer.strategy.broadcast(result.metrics if result is not None else {}, src=0)
         self._to_callback_metrics(pl_module, phase, metrics)
+        if phase == PHASE_BATCH_END:
+            self._check_early_stopping(trainer)
         trainer.strategy.barrier()
         return result
+
+    def _my_early_stopping(self, trainer: Trainer) -> list:
+        return [callback for callback in trainer.early_stopping_callbacks
+                if getattr(callback, "monitor", None) and callback.monitor.startswith(self.metric_prefixes)]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """An ``EarlyStopping`` that monitors one of this callback's metrics is checked at the steps the metric is
+        computed, and only then (:meth:`_check_early_stopping`): Lightning's own checks would run after validation
+        loops (a calmwild fit runs none by default) or at every epoch end, where the same value, computed every
+        ``every_n_steps``, would be counted again and again against the patience."""
+        for callback in self._my_early_stopping(trainer):
+            callback._check_on_train_epoch_end = False
+
+    def _check_early_stopping(self, trainer: Trainer) -> None:
+        """Runs the check of each EarlyStopping on this callback's metrics (every rank: the decision is reduced)."""
+        for callback in self._my_early_stopping(trainer):
+            callback._run_early_stopping_check(trainer)
 
     @staticmethod
     def _to_callback_metrics(pl_module: LightningModule, phase: str, metrics: dict[str, float]) -> None:
         """The metrics, on every rank, through Lightning's own ``log`` (not sent to the loggers again): they land in
         ``trainer.callback_metrics`` at the step they were computed, where ``ModelCheckpoint(monitor=...)`` and
         ``EarlyStopping(monitor=...)`` read them (checkpoint callbacks run after the others in the same hook).
-        Lightning refuses ``log`` at the end of training, where no callback would read it anyway."""
+        Lightning refuses ``log`` at the end of training, where no callback would read it anyway. In ``validate`` and
+        ``test`` they are the epoch's results Lightning prints and returns."""
         if phase == PHASE_TRAIN_END:
             return
         for key, value in metrics.items():
@@ -230,39 +300,49 @@ class EvaluationCallback(Callback):
         return Path(trainer.default_root_dir) / "eval" / self.name
 
     # ------------------------------------------------------------------ rank-0 output
-    def _write(self, trainer: Trainer, ctx: Context, result: Evaluation, seconds: float) -> None:
+    def _write(self, trainer: Trainer, ctx: Context, result: Evaluation, seconds: float) -> dict[str, Path]:
+        """The step's JSON and PNG, the history, and one sigma x step heatmap per curve; returns the images written
+        (logged key -> path)."""
         out = self.output_dir(trainer)
         stem = f"step_{ctx.step:07d}"
         record = {"callback": self.name, "step": ctx.step, "phase": ctx.phase, "world_size": ctx.world_size,
                   "seconds": seconds, "settings": self.settings(), **result.record, "metrics": result.metrics}
+        files: dict[str, Path] = {}
         if result.figure is not None:
-            save_figure(result.figure, out / f"{stem}.png")
+            files[f"{self.name}/plot"] = save_figure(result.figure, out / f"{stem}.png")
             record["plot"] = f"{stem}.png"
         elif result.image is not None:
             save_png(result.image, out / f"{stem}.png")
             record["image"] = f"{stem}.png"
+        # a heatmap takes seconds to draw on a CPU: at every evaluation only when W&B shows it, else at the end
+        if ctx.phase != PHASE_BATCH_END or any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+            for key, curve in (result.curves or {}).items():
+                figure = sigma_step_heatmap(self.curve_rows[key], curve.title, curve.xname, curve.log_values)
+                files[f"{key}_heatmap"] = save_figure(figure, out / f"{key.replace('/', '_')}_heatmap.png")
         write_json(record, out / f"{stem}.json")
         write_json({"callback": self.name, "settings": self.settings(), "history": self.history},
                    out / "history.json")
+        return files
 
-    def _log(self, trainer: Trainer, step: int, result: Evaluation) -> None:
+    def _log(self, trainer: Trainer, step: int, result: Evaluation, files: dict[str, Path]) -> None:
         for logger in trainer.loggers:
             if result.metrics:
                 logger.log_metrics(result.metrics, step=step)
             if isinstance(logger, WandbLogger):
-                self._log_wandb(logger, step, result)
+                self._log_wandb(logger, step, result, files)
             elif isinstance(logger, TensorBoardLogger) and result.image is not None:
                 logger.experiment.add_image(result.image_key or self.name, result.image, step)
 
-    @staticmethod
-    def _log_wandb(logger: WandbLogger, step: int, result: Evaluation) -> None:
+    def _log_wandb(self, logger: WandbLogger, step: int, result: Evaluation, files: dict[str, Path]) -> None:
+        """Per curve, a ``wandb.Table`` of every evaluation so far (step, sigma, series, value: a line per step in a
+        custom chart) and its sigma x step heatmap; the step's figure and image grid as images at their step."""
         import wandb
 
         for key, curve in (result.curves or {}).items():
-            names = list(curve.ys)
-            plot = wandb.plot.line_series(xs=curve.xs, ys=[curve.ys[n] for n in names], keys=names,
-                                          title=f"{curve.title} (step {step})", xname=curve.xname)
-            logger.log_metrics({key: plot}, step=step)
+            table = wandb.Table(columns=["step", curve.xname, "series", "value"], data=self.curve_rows[key])
+            logger.log_metrics({f"{key}_table": table}, step=step)
+        for key, path in files.items():
+            logger.log_image(key, images=[str(path)], step=step, caption=[f"step {step}"])
         if result.image is not None:
             logger.log_image(result.image_key or "image", images=[result.image], step=step,
                              caption=[f"step {step}"])

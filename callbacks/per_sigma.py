@@ -41,6 +41,8 @@ class PerSigmaMSE(_PerSigmaCallback):
         name: output directory name under <run dir>/eval/ (default per_sigma_mse).
     """
 
+    metric_prefixes = ("mse/",)
+
     def __init__(self, per_sigma: PerSigmaSettings = PerSigmaSettings(), every_n_steps: int = 1000,
                  at_train_end: bool = True, name: str | None = None):
         super().__init__(per_sigma, every_n_steps, at_train_end, name)
@@ -53,9 +55,10 @@ class PerSigmaMSE(_PerSigmaCallback):
         if ctx.rank != 0:
             return None
         section = part.section
-        curve = Curve(xs=section["sigmas"], ys={"train": section["train"]["mse_per_pixel"],
-                                                "heldout": section["heldout"]["mse_per_pixel"]},
-                      title="per-pixel MSE against sigma")
+        train, heldout = section["train"]["mse_per_pixel"], section["heldout"]["mse_per_pixel"]
+        curve = Curve(xs=section["sigmas"], ys={"train": train, "heldout": heldout,
+                                                "gap": [h - t for h, t in zip(heldout, train)]},
+                      title="per-pixel MSE", log_values=True)
         return Evaluation(part.metrics, {"per_sigma_mse": section}, figure=part.figure, curves={"mse/curve": curve})
 
 
@@ -71,6 +74,8 @@ class PerSigmaMemorization(_PerSigmaCallback):
         at_train_end: evaluate again when training ends.
         name: output directory name under <run dir>/eval/ (default per_sigma_memorization).
     """
+
+    metric_prefixes = ("mem/",)
 
     def __init__(self, per_sigma: PerSigmaSettings = PerSigmaSettings(), threshold: float = RATIO_THRESHOLD,
                  every_n_steps: int = 1000, at_train_end: bool = True, name: str | None = None):
@@ -88,6 +93,6 @@ class PerSigmaMemorization(_PerSigmaCallback):
         if ctx.rank != 0:
             return None
         curve = Curve(xs=part.section["sigmas"], ys={"rate": part.section["rate"]},
-                      title="memorization rate against sigma")
+                      title="per-sigma memorization rate")
         return Evaluation(part.metrics, {"per_sigma_memorization": part.section}, figure=part.figure,
                           curves={"mem/curve": curve})

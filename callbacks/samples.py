@@ -1,4 +1,4 @@
-"""Evaluations of generated samples during training: trajectory memorization, FID and a nearest-neighbour grid.
+"""Evaluations of generated samples during training: trajectory memorization, FID/KID and a nearest-neighbour grid.
 
 All three draw their samples through :meth:`EvaluationCallback.shared_samples`: at one evaluation point, callbacks
 with the same sampler settings share one set of samples (sample i from seed + i; a callback asking for fewer
@@ -19,20 +19,15 @@ from matplotlib.figure import Figure
 
 from calmwild.checks import check_count, check_threshold
 from calmwild.evaluation import evaluate_trajectory_memorization
-from calmwild.fid import (
-    ReferenceStats,
-    build_feature_extractor,
-    extract_features,
-    extractor_identity,
-    feature_statistics,
-    fid_report,
-    frechet_distance,
-    reference_statistics,
-)
+from calmwild.data.base import InMemoryImageDataModule
+from calmwild.evaluation import quality_part
+from calmwild.features import build_feature_extractor, extract_features, extractor_identity
+from calmwild.fid import ReferenceStats
+from calmwild.references import SPLITS, load_reference
 from calmwild.memorization.ratio import RATIO_THRESHOLD, RatioTestResult, ratio_test
 from calmwild.memorization.report import nearest_pairs_grid
 from calmwild.settings import FIDSettings, SamplingSettings
-from callbacks.base import Context, Evaluation, EvaluationCallback
+from callbacks.base import EVALUATED_STAGES, PHASE_TEST, Context, Evaluation, EvaluationCallback
 
 
 class _SampleCallback(EvaluationCallback):
@@ -87,6 +82,8 @@ class TrajectoryMemorization(_RatioTestCallback):
         name: output directory name under <run dir>/eval/ (default trajectory_memorization).
     """
 
+    metric_prefixes = ("traj_mem/",)
+
     def __init__(self, num_samples: int = 1024, threshold: float = RATIO_THRESHOLD,
                  sampling: SamplingSettings = SamplingSettings(), every_n_steps: int = 1000, at_train_end: bool = True,
                  name: str | None = None):
@@ -102,39 +99,52 @@ class TrajectoryMemorization(_RatioTestCallback):
 
 
 class FID(_SampleCallback):
-    """Frechet distance between EMA samples and a reference set (FID with Inception features), logged as
-    ``fid/value`` beside ``fid/num_samples`` (few-sample FID is biased upwards: compare equal counts only).
+    """Sample quality of the EMA samples against a reference set: the Frechet distance with Inception features (FID)
+    and the kernel distance beside it (KID, unbiased: the figure to report at about a thousand samples), logged as
+    ``fid/value``, ``fid/num_samples``, ``kid/value``, ``kid/std``, ``kid/num_samples`` and ``kid/subset_size``
+    (:func:`calmwild.fid.quality_report`; KID is absent against a ``.npz`` of statistics, which holds no features).
 
-    Each rank extracts the features of its slice of samples; the features are gathered and the statistics and the
-    distance computed on rank 0. The reference statistics are computed once (rank 0, first evaluation) and cached
-    on disk under a content key of the reference images and the feature extractor; the key is kept in the callback
-    state and a resumed run warns if its reference no longer matches.
+    The reference (``fid.reference``, :mod:`calmwild.references`) is the training or held-out set of the run's
+    datamodule, or of ``reference_data`` when given (the paper's 2k-car runs are scored against 5k training cars);
+    an image folder; a ``.npz`` of statistics (NVlabs/edm's format); or a dataset registered with torch-fidelity.
+    ``calmwild test`` scores against the held-out set where the reference is ``train``.
+
+    Each rank extracts the features of its slice of samples; the features are gathered and FID/KID computed on rank
+    0. Reference statistics are computed once (rank 0, first evaluation) and cached on disk under a content key of
+    the reference images and the feature extractor; the key is kept in the callback state and a resumed run warns if
+    its reference no longer matches. The step's PNG is FID (and KID) against the training step so far.
 
     Args:
         num_samples: samples per evaluation (split over DDP ranks; at least 2).
-        fid: feature extractor, its weights, the reference set (train or heldout) and the cache directory (default
-            <run dir>/fid_cache) (:class:`calmwild.settings.FIDSettings`).
+        fid: feature extractor, its weights, the reference and the cache directory (default <run dir>/fid_cache)
+            (:class:`calmwild.settings.FIDSettings`).
         sampling: the sampler (:class:`calmwild.settings.SamplingSettings`).
+        reference_data: a datamodule whose ``train`` / ``heldout`` images are the reference (default: the run's).
         every_n_steps: evaluate every this many optimizer steps.
         at_train_end: evaluate again when training ends.
         name: output directory name under <run dir>/eval/ (default fid).
     """
 
+    metric_prefixes = ("fid/", "kid/")
+
     def __init__(self, num_samples: int = 1024, fid: FIDSettings = FIDSettings(),
-                 sampling: SamplingSettings = SamplingSettings(), every_n_steps: int = 1000, at_train_end: bool = True,
-                 name: str | None = None):
+                 sampling: SamplingSettings = SamplingSettings(), reference_data: InMemoryImageDataModule | None = None,
+                 every_n_steps: int = 1000, at_train_end: bool = True, name: str | None = None):
         super().__init__(num_samples, sampling, every_n_steps, at_train_end, name, min_samples=2)
         if not isinstance(fid, FIDSettings):
             raise TypeError(f"fid must be FIDSettings, got {type(fid).__name__}")
-        if fid.reference not in ("train", "heldout"):
-            raise ValueError(f"FID reference {fid.reference!r}: expected train or heldout")
+        if reference_data is not None and not isinstance(reference_data, InMemoryImageDataModule):
+            raise TypeError(f"reference_data must be a calmwild datamodule, got {type(reference_data).__name__}")
         self.fid = fid
+        self.reference_data = reference_data
         self.reference_key: str | None = None
         self._extractor: torch.nn.Module | None = None
-        self._reference_stats: ReferenceStats | None = None
+        self._references: dict[str, ReferenceStats] = {}
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "reference": self.fid.reference, "feature_extractor": self.fid.feature_extractor}
+        reference_data = None if self.reference_data is None else self.reference_data.configuration()
+        return {**super().settings(), "reference": self.fid.reference, "reference_data": reference_data,
+                "feature_extractor": self.fid.feature_extractor}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "reference_key": self.reference_key}
@@ -145,23 +155,35 @@ class FID(_SampleCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self._extractor is None:  # built on every rank now, so missing weights fail at once
+        if stage in EVALUATED_STAGES and self._extractor is None:  # on every rank now: missing weights fail at once
             self._extractor = build_feature_extractor(self.fid.feature_extractor,
                                                       in_channels=pl_module.image_shape[0],
                                                       weights_path=self.fid.weights_path)
 
-    def _reference(self, trainer: Trainer, ctx: Context) -> ReferenceStats:
-        if self._reference_stats is None:
-            datamodule = trainer.datamodule
-            images = datamodule.train_images if self.fid.reference == "train" else datamodule.heldout_images
+    def reference_name(self, phase: str) -> str:
+        """The reference of this evaluation: the configured one, except the held-out set in ``test`` for ``train``."""
+        return "heldout" if phase == PHASE_TEST and self.fid.reference == "train" else self.fid.reference
+
+    def _splits(self, trainer: Trainer) -> dict[str, torch.Tensor]:
+        data = self.reference_data if self.reference_data is not None else trainer.datamodule
+        data.setup("fit")
+        return {"train": data.train_images, "heldout": data.heldout_images}
+
+    def _reference(self, trainer: Trainer, ctx: Context, pl_module: LightningModule) -> ReferenceStats:
+        name = self.reference_name(ctx.phase)
+        if name not in self._references:
             cache = Path(self.fid.cache_dir) if self.fid.cache_dir else Path(trainer.default_root_dir) / "fid_cache"
-            stats = reference_statistics(images, self._extractor, cache, name=self.fid.reference,
-                                         batch_size=self.sampling.batch_size, device=ctx.device)
-            if self.reference_key is not None and stats.key != self.reference_key:
-                warnings.warn(f"FID reference statistics changed since the checkpoint (key {self.reference_key[:16]} "
-                              f"-> {stats.key[:16]}): FID values before and after are not comparable", stacklevel=2)
-            self._reference_stats, self.reference_key = stats, stats.key
-        return self._reference_stats
+            splits = self._splits(trainer) if name in SPLITS else {}
+            stats = load_reference(name, self._extractor, splits, tuple(pl_module.image_shape), cache,
+                                   self.fid.datasets_root, self.sampling.batch_size, ctx.device)
+            if name == self.fid.reference:
+                if self.reference_key is not None and stats.key != self.reference_key:
+                    warnings.warn(f"FID reference statistics changed since the checkpoint (key "
+                                  f"{self.reference_key[:16]} -> {(stats.key or '')[:16]}): FID values before and "
+                                  "after are not comparable", stacklevel=2)
+                self.reference_key = stats.key
+            self._references[name] = stats
+        return self._references[name]
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, ctx: Context) -> Evaluation | None:
         extractor = self._extractor.to(ctx.device)
@@ -170,25 +192,29 @@ class FID(_SampleCallback):
         features = self.gatherer(pl_module, ctx)(features, self.num_samples)
         if ctx.rank != 0:
             return None
-        reference = self._reference(trainer, ctx)
-        mu, cov = feature_statistics(features)
-        fid = {"fid": frechet_distance(mu, cov, reference.mu, reference.cov), "num_samples": self.num_samples,
-               "num_reference": reference.num_samples, "feature_extractor": extractor_identity(extractor)}
-        section, metrics = fid_report(fid, self.fid.reference, reference.key)
-        steps = [h["step"] for h in self.history] + [ctx.step]
-        values = [h["fid/value"] for h in self.history] + [fid["fid"]]
-        return Evaluation(metrics, {"fid": section}, figure=_plot_history(steps, values, self.num_samples,
-                                                                           fid["feature_extractor"]))
+        reference = self._reference(trainer, ctx, pl_module)
+        part = quality_part(features, reference, extractor_identity(extractor), self.reference_name(ctx.phase))
+        history = [h for h in self.history if "fid/value" in h] + [{"step": ctx.step, **part.metrics}]
+        figure = _plot_quality_history(history, self.num_samples, part.section["feature_extractor"])
+        return Evaluation(part.metrics, {"fid": part.section}, figure=figure)
 
 
-def _plot_history(steps: list[int], values: list[float], num_samples: int, feature_extractor: str) -> Figure:
-    """FID against the training step so far (one point per evaluation)."""
+def _plot_quality_history(history: list[dict[str, Any]], num_samples: int, feature_extractor: str) -> Figure:
+    """FID (and KID with its subset spread, on a second axis) against the training step, one point per evaluation."""
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(np.asarray(steps), np.asarray(values, dtype=float), marker="o", ms=4)
+    steps = np.asarray([h["step"] for h in history])
+    ax.plot(steps, [h["fid/value"] for h in history], marker="o", ms=4, color="C0", label="FID")
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"Frechet distance ({num_samples} samples)")
-    ax.set_title(feature_extractor, fontsize=8)
+    ax.set_ylabel(f"FID ({num_samples} samples)", color="C0")
+    with_kid = [h for h in history if "kid/value" in h]
+    if with_kid:
+        kid_ax = ax.twinx()
+        kid_ax.errorbar([h["step"] for h in with_kid], [h["kid/value"] for h in with_kid],
+                        yerr=[h["kid/std"] for h in with_kid], marker="s", ms=4, color="C1", capsize=3,
+                        label="KID (+- std over subsets)")
+        kid_ax.set_ylabel("KID", color="C1")
+    ax.set_title(f"sample quality against training step ({feature_extractor})", fontsize=9)
     ax.grid(True, alpha=0.3)
     return fig
 

@@ -11,7 +11,8 @@ Two containers hold the same content:
   header's metadata field ``calmwild``; no pickle at all. It holds weights only (no optimizer state), so it can be
   sampled from and evaluated, not resumed.
 
-Metadata, format_version 1: ``backbone`` (class path of the raw network; calmwild.unet.UNet when absent), ``unet``
+Metadata, format_version 1: ``backbone`` (class path of the raw network; calmwild.unet.UNet when absent; see
+:func:`backbone_class` for which classes are ever built from it), ``unet``
 (the backbone's ``config``: its constructor keyword arguments), ``sigma_data``, ``image_shape`` [C, H, W],
 ``num_classes``, ``sample_class``; optionally ``sigma_sampler`` (what the network was trained with) and
 ``provenance`` (where an imported network came from).
@@ -19,8 +20,11 @@ Metadata, format_version 1: ``backbone`` (class path of the raw network; calmwil
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ EMA_PREFIX = "net_ema."
 LIVE_PREFIX = "net."
 SAFETENSORS_SUFFIX = ".safetensors"
 DEFAULT_BACKBONE = "calmwild.unet.UNet"
+BACKBONE_MODULES_ENV = "CALMWILD_BACKBONE_MODULES"
 REQUIRED_METADATA = ("unet", "sigma_data", "image_shape")
 EDM_PERSISTENCE_GLOBAL = "torch_utils.persistence._reconstruct_persistent_obj"
 
@@ -102,22 +107,41 @@ def check_metadata(meta: Any, path: str | Path, keys: list[str] | None = None) -
     return meta
 
 
-def backbone_class(meta: dict, path: str | Path) -> type[torch.nn.Module]:
-    """The backbone class a checkpoint names. Only calmwild's own backbones are built from a file's say-so."""
-    from calmwild.unet import UNet
+def trusted_backbone_modules() -> list[str]:
+    """The modules whose classes a checkpoint may name as its backbone beside calmwild's own: the comma-separated
+    module names in ``$CALMWILD_BACKBONE_MODULES`` (a name also covers its submodules)."""
+    return [name.strip() for name in os.environ.get(BACKBONE_MODULES_ENV, "").split(",") if name.strip()]
 
-    known = {DEFAULT_BACKBONE: UNet}
+
+def backbone_class(meta: dict, path: str | Path, trusted: Sequence[str] = ()) -> type[torch.nn.Module]:
+    """The backbone class a checkpoint names. A file's say-so never decides what code runs: a class is imported
+    only when it is calmwild's U-Net, one of the class paths in ``trusted`` (e.g. the one the user's config names),
+    or in a module the user listed in ``$CALMWILD_BACKBONE_MODULES`` (:func:`trusted_backbone_modules`)."""
     name = meta.get("backbone", DEFAULT_BACKBONE)
-    if name not in known:
-        raise ValueError(f"{path} was trained with the backbone {name!r}; calmwild rebuilds only {sorted(known)}")
-    return known[name]
+    if not isinstance(name, str) or "." not in name:
+        raise ValueError(f"{path}: its backbone {name!r} is not a class path such as {DEFAULT_BACKBONE}")
+    module_name, _, class_name = name.rpartition(".")
+    allowed = name == DEFAULT_BACKBONE or name in trusted or any(
+        module_name == m or module_name.startswith(f"{m}.") for m in trusted_backbone_modules())
+    if not allowed:
+        raise ValueError(f"{path} was trained with the backbone {name}; calmwild builds a backbone a file names only "
+                         f"from {DEFAULT_BACKBONE} or a module you trust: set {BACKBONE_MODULES_ENV}="
+                         f"{module_name.split('.')[0]} (or name the class in the config's model.backbone)")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{path}: cannot import its backbone {name} ({err})") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(f"{path}: its backbone {name} is not a torch.nn.Module class")
+    return cls
 
 
-def backbone_config(meta: dict, path: str | Path) -> dict:
+def backbone_config(meta: dict, path: str | Path, trusted: Sequence[str] = ()) -> dict:
     """The backbone config of a checkpoint with the constructor's defaults filled in for keys it does not record
     (written before the key existed), so configs of old and new checkpoints compare equal when they mean the same."""
     defaults = {
-        name: param.default for name, param in inspect.signature(backbone_class(meta, path)).parameters.items()
+        name: param.default
+        for name, param in inspect.signature(backbone_class(meta, path, trusted)).parameters.items()
         if param.default is not inspect.Parameter.empty
     }
     return {**to_jsonable(defaults), **meta["unet"]}

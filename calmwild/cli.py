@@ -14,7 +14,13 @@ import os
 import sys
 from typing import Any
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = {
+    "fit": "Train a DiffusionModule from a config (LightningCLI; resumable with --ckpt_path last).",
+    "validate": "Run a config's evaluation callbacks once on a checkpoint (--ckpt_path) and print their results.",
+    "test": "As validate, scored against the held-out set where that differs (FID's reference).",
+    "predict": "Write a checkpoint's samples: samples.pt, a PNG grid and samples.json.",
+}
+VARIADIC_COMMANDS = ("compare",)  # commands whose one positional argument is a list: `compare RUN RUN ... --out DIR`
 DEBUG_ENV = "CALMWILD_DEBUG"
 
 
@@ -49,9 +55,37 @@ def main(args: list[str] | None = None) -> None:
             torch.distributed.destroy_process_group()
 
 
+def command_summaries() -> dict[str, str]:
+    """Every command with one line: the Lightning subcommands' and the first line of each analysis command's docstring
+    (a sentence), read from :mod:`calmwild.commands`' source (not imported: ``calmwild --help`` stays instant)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).with_name("commands.py")).read_text())
+    docs = {node.name: ast.get_docstring(node) or "" for node in tree.body if isinstance(node, ast.FunctionDef)}
+    table = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                 and any(getattr(target, "id", None) == "COMMANDS" for target in node.targets))
+    summaries = dict(LIGHTNING_COMMANDS)
+    for key, value in zip(table.keys, table.values):
+        summaries[key.value] = docs[value.id].splitlines()[0].replace("``", "")
+    return summaries
+
+
+def print_help() -> None:
+    names = command_summaries()
+    width = max(map(len, names))
+    lines = ["usage: calmwild <command> [options]   (calmwild <command> --help lists a command's options)", "",
+             "calmwild: study and prevent memorization in diffusion models.", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {summary}" for name, summary in names.items()]
+    print("\n".join(lines))
+
+
 def run(args: list[str] | None = None) -> Any:
     """Runs one ``calmwild`` command and returns its result (the LightningCLI object, or the command's report)."""
     argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print_help()
+        return None
     if argv and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
         from jsonargparse import auto_cli
 
@@ -60,10 +94,26 @@ def run(args: list[str] | None = None) -> Any:
         if argv[0] not in COMMANDS:
             known = ", ".join(list(LIGHTNING_COMMANDS) + list(COMMANDS))
             raise SystemExit(f"calmwild: unknown command {argv[0]!r}; expected one of {known}")
-        return auto_cli(COMMANDS, args=argv)
+        return auto_cli(COMMANDS, args=_join_positional_list(argv))
     from calmwild.lightning_cli import lightning_main
 
     return lightning_main(None if args is None else argv)  # None: LightningCLI reads sys.argv itself
+
+
+def _join_positional_list(argv: list[str]) -> list[str]:
+    """``compare a b c --out X`` as jsonargparse expects a list positional: ``compare '["a", "b", "c"]' --out X``."""
+    if argv[0] not in VARIADIC_COMMANDS:
+        return argv
+    values = []
+    for arg in argv[1:]:
+        if arg.startswith("-"):
+            break
+        values.append(arg)
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        return argv
+    import json
+
+    return [argv[0], json.dumps(values), *argv[1 + len(values):]]
 
 
 def __getattr__(name: str) -> Any:

@@ -232,7 +232,7 @@ def analyze(
     device: str = "cpu",
     overwrite: bool = False,
 ) -> dict:
-    """Geometry of a training set before any training (paper Section 4): the danger zone, and which images are at risk.
+    """Geometry of a training set before training (paper Section 4): the danger zone, and which images are at risk.
 
     Computes the posterior-weight and shell-coverage curves, Theorem 4.8's bounds, Theorem 4.2's thresholds and the
     danger zone (in sigma and DDPM timesteps), and writes geometry.json and geometry.png (the paper's Figure 3
@@ -373,5 +373,77 @@ def convert(source: Path, *, out: Path, overwrite: bool = False) -> dict:
     return {"source": str(source), "out": str(out)}
 
 
+def compare(runs: list[Path], *, out: Path, quality: str = "fid/value", overwrite: bool = False) -> dict:
+    """Compare fitted runs: final and best memorization and quality, and the Pareto plot of paper Fig. 9.
+
+    The table lists each run's final and best memorization and sample quality; the plot joins the non-dominated runs.
+
+    Writes compare.md, compare.csv, compare.json and pareto.png into ``out``.
+
+    Args:
+        runs: run directories of ``calmwild fit`` (each with eval/*/history.json), at least one.
+        out: the folder to write (created; an existing one is refused unless ``overwrite``).
+        quality: the quality metric of the Pareto plot: fid/value or kid/value.
+        overwrite: write into an existing ``out``.
+    """
+    from calmwild.compare import compare_runs, write_comparison
+    from calmwild.io import prepare_output_dir
+
+    if not runs:
+        raise ValueError("compare needs at least one run directory")
+    comparison = compare_runs(runs, quality=quality)
+    out = prepare_output_dir(out, overwrite)
+    files = write_comparison(comparison, out)
+    print((out / files["markdown"]).read_text(), end="", flush=True)
+    print(f"calmwild compare: {len(runs)} runs, Pareto front {len(comparison['pareto_front'])}: "
+          f"{', '.join(str(out / name) for name in files.values())}", flush=True)
+    return comparison
+
+
+def wandb_workspace(fit_config: Path, *, entity: str | None = None, project: str | None = None,
+                    name: str | None = None, save: bool = False, out: Path | None = None) -> dict:
+    """Build (and with --save true, save) the W&B workspace of a fit config's evaluations.
+
+    Panels: memorization against iterations, per-sigma heatmaps, MSE, FID / KID and sample grids, runs grouped by
+    experiment family (calmwild.dashboard).
+
+    Args:
+        fit_config: the fit config (e.g. configs/cifar10_cars2k_gap.yaml).
+        entity: the W&B entity (default: the logged-in user's, when saving).
+        project: the W&B project (default: the config's WandbLogger project).
+        name: the workspace name (default: calmwild <config stem>).
+        save: save it to W&B (needs network and a login); otherwise only print / write its specification.
+        out: write the specification (the JSON saving would send) to this file.
+    """
+    from calmwild.dashboard import build_workspace, read_fit_config, workspace_specification
+    from calmwild.io import write_json
+
+    config = Path(fit_config)
+    fit_config = read_fit_config(config)
+    loggers = (fit_config.get("trainer") or {}).get("logger") or []
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    configured = next((lg.get("init_args", {}).get("project") for lg in loggers
+                       if isinstance(lg, dict) and str(lg.get("class_path", "")).endswith("WandbLogger")), None)
+    project = project or configured
+    if not project:
+        raise ValueError(f"{config} logs to no WandbLogger project; pass --project")
+    if save and not entity:
+        import wandb
+
+        entity = wandb.Api().default_entity
+    workspace = build_workspace(fit_config, entity or "<entity>", project, name or f"calmwild {config.stem}")
+    specification = workspace_specification(workspace)
+    if out is not None:
+        write_json(specification, out)
+    if save:
+        workspace.save()
+        print(f"calmwild wandb-workspace: saved {workspace.url}", flush=True)
+    else:
+        sections = specification["spec"]["section"]["panelBankConfig"]["sections"]
+        print(f"calmwild wandb-workspace: {len(sections)} sections for {entity or '<entity>'}/{project} (not saved; "
+              f"--save true saves it){f', specification in {out}' if out else ''}", flush=True)
+    return specification
+
+
 COMMANDS = {"sample": sample, "swap": swap, "analyze": analyze, "evaluate": evaluate, "import-edm": import_edm,
-            "convert": convert}
+            "convert": convert, "compare": compare, "wandb-workspace": wandb_workspace}

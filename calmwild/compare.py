@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from matplotlib.figure import Figure
@@ -48,16 +48,42 @@ def _config(run_dir: Path) -> dict:
     return {}
 
 
+class RunLabels(NamedTuple):
+    """What a run is, from its config: the experiment family (``group``: dataset and training-set size, the runs one
+    compares), W&B tags (dataset, N, sigma sampler, band) and a short label for tables and plots."""
+
+    group: str
+    tags: list[str]
+    label: str
+
+
+def _short(class_path: Any, default: str) -> str:
+    return str(class_path or default).rsplit(".", 1)[-1]
+
+
+def run_labels(config: dict) -> RunLabels:
+    """The labels of a run config (the ``fit`` config as a dict: ``data`` and ``model.sigma_sampler`` with
+    ``class_path`` / ``init_args``)."""
+    data = config.get("data") or {}
+    data_args = data.get("init_args") or {}
+    dataset = _short(data.get("class_path"), "data").removesuffix("DataModule").lower() or "data"
+    size = data_args.get("num_train")
+    classes = data_args.get("classes")
+    sampler = (config.get("model") or {}).get("sigma_sampler") or {}
+    sampler_name = _short(sampler.get("class_path"), "LogNormal")
+    bands = (sampler.get("init_args") or {}).get("bands")
+    band = ("danger-zone" if sampler_name == "DangerZoneGap" else
+            ",".join(f"[{a:g}, {b:g}]" for a, b in bands) if bands else "none")
+    family = dataset + (f"-{'-'.join(map(str, classes))}" if classes else "")
+    group = f"{family}-N{size}" if size else family
+    tags = [dataset, f"N={size}" if size else "N=all", sampler_name, f"band={band}"]
+    label = sampler_name + (f" {band}" if band not in ("none", "danger-zone") else "") + (f", N={size}" if size else "")
+    return RunLabels(group, [tag[:64] for tag in tags], label)  # W&B limits a tag to 64 characters
+
+
 def describe_run(run_dir: Path) -> str:
     """A short label: the sigma sampler (and its bands) the run was trained with, and its training-set size."""
-    config = _config(run_dir)
-    sampler = (config.get("model") or {}).get("sigma_sampler") or {}
-    name = str(sampler.get("class_path", "LogNormal")).rsplit(".", 1)[-1]
-    bands = (sampler.get("init_args") or {}).get("bands")
-    if bands:
-        name += " " + ",".join(f"[{a:g}, {b:g}]" for a, b in bands)
-    size = ((config.get("data") or {}).get("init_args") or {}).get("num_train")
-    return f"{name}, N={size}" if size else name
+    return run_labels(_config(run_dir)).label
 
 
 def read_run(run_dir: str | Path) -> RunResults:

@@ -7,7 +7,7 @@ result, returning a :class:`Part` (JSON section, flat metrics with the logged na
 - :func:`evaluate_per_sigma_memorization`: one-step denoised held-out images under the ratio test (Section 3,
   Fig. 2);
 - :func:`evaluate_trajectory_memorization`: generated samples under the ratio test (Section 3, Table 1);
-- :func:`evaluate_fid`: the Frechet distance of generated samples to a reference set, with its sample counts.
+- :func:`evaluate_fid`: FID and KID of generated samples against a reference set, with the sample counts.
 
 Work is split by item index into contiguous slices, one per rank (:func:`shard_bounds`); a ``gather`` function
 (identity on one process, an all-gather under DDP) concatenates the ranks' rows in rank order. On one process
@@ -20,8 +20,9 @@ Work is split by item index into contiguous slices, one per rank (:func:`shard_b
 - ``per_sigma_memorization``: ``sigmas``, ``rate``, ``stderr``, ``num_items``, ``threshold``, ``peak_rate``,
   ``peak_sigma`` (null when nothing is memorized: there is no peak).
 - ``trajectory_memorization``: ``rate``, ``stderr``, ``num_samples``, ``num_memorized``, ``threshold``.
-- ``fid``: ``fid``, ``num_samples``, ``num_reference``, ``feature_extractor``, ``reference``, ``reference_key``; null
-  when FID is switched off.
+- ``fid``: ``fid``, ``kid``, ``kid_std``, ``kid_subset_size``, ``kid_subsets`` (KID null for a statistics-file
+  reference), ``num_samples``, ``num_reference``, ``feature_extractor``, ``reference``, ``reference_key``; null when
+  FID is switched off.
 - ``metrics``: the flat scalar dict with the keys the callbacks log; ``files``: the plots (:data:`PLOT_FILES`);
   ``seconds``: wall time per part.
 """
@@ -37,7 +38,8 @@ import torch
 from matplotlib.figure import Figure
 
 from calmwild.checks import check_count, check_threshold
-from calmwild.fid import build_feature_extractor, compute_fid, fid_report, reference_statistics
+from calmwild.features import build_feature_extractor, extract_features, extractor_identity
+from calmwild.fid import ReferenceStats, quality_report, sample_quality
 from calmwild.io import save_figure, save_png, write_json
 from calmwild.memorization.per_sigma import (
     per_sigma_errors,
@@ -47,6 +49,7 @@ from calmwild.memorization.per_sigma import (
 )
 from calmwild.memorization.ratio import RATIO_THRESHOLD, RatioTestResult, mean_and_stderr, ratio_test
 from calmwild.memorization.ratio import TrajectoryMemorization as TrajectoryResult
+from calmwild.references import load_reference
 from calmwild.memorization.report import (
     memorization_report,
     mse_report,
@@ -145,22 +148,27 @@ def evaluate_trajectory_memorization(samples: torch.Tensor, train: torch.Tensor,
     return Part(section, metrics, figure=plot_ratio_histogram(tests, threshold, f"{title}: ratio test")), tests
 
 
+def quality_part(features: torch.Tensor, reference: ReferenceStats, feature_extractor: str, reference_name: str
+                 ) -> Part:
+    """FID and KID of gathered sample features [N, F] against reference statistics of the same feature space
+    (:func:`calmwild.fid.sample_quality`); logs ``fid/*`` and ``kid/*`` (:func:`calmwild.fid.quality_report`)."""
+    quality = sample_quality(features, reference, feature_extractor)
+    section, metrics = quality_report(quality, reference_name, reference.key)
+    return Part(section, metrics)
+
+
 def evaluate_fid(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor, settings: FIDSettings,
                  cache_dir: str | Path, batch_size: int = 256, device: str | torch.device = "cpu") -> Part:
-    """The Frechet distance of ``samples`` to the ``settings.reference`` set in the ``settings.feature_extractor``
-    space, with both sample counts; logs ``fid/value`` and ``fid/num_samples``. Reference statistics are cached in
+    """FID and KID of ``samples`` against the ``settings.reference`` set (:mod:`calmwild.references`) in the
+    ``settings.feature_extractor`` space, with the sample counts. Reference statistics are cached in
     ``settings.cache_dir`` (default ``cache_dir``)."""
     extractor = build_feature_extractor(settings.feature_extractor, in_channels=samples.shape[1],
                                         weights_path=settings.weights_path).to(device)
-    images = {"train": train, "heldout": heldout}.get(settings.reference)
-    if images is None:
-        raise ValueError(f"FID reference {settings.reference!r}: expected train or heldout")
     cache = Path(settings.cache_dir) if settings.cache_dir is not None else Path(cache_dir)
-    reference = reference_statistics(images, extractor, cache, name=settings.reference, batch_size=batch_size,
-                                     device=device)
-    fid = compute_fid(samples, reference, extractor, batch_size=batch_size, device=device)
-    section, metrics = fid_report(fid, settings.reference, reference.key)
-    return Part(section, metrics)
+    reference = load_reference(settings.reference, extractor, {"train": train, "heldout": heldout},
+                               tuple(samples.shape[1:]), cache, settings.datasets_root, batch_size, device)
+    features = extract_features(samples, extractor, batch_size, device)
+    return quality_part(features, reference, extractor_identity(extractor), settings.reference)
 
 
 def evaluate_denoiser(

@@ -1,43 +1,42 @@
-"""Frechet distances between image sets in a feature space (FID with Inception features), with cached reference
-statistics and a pluggable feature extractor.
+"""Sample quality against a reference set in a feature space: the Frechet distance (FID) and the kernel distance
+(KID), with cached reference statistics.
 
 FID (Heusel et al. 2017): with feature means mu_1, mu_2 and covariances S_1, S_2 of two image sets,
     FID = ||mu_1 - mu_2||^2 + tr(S_1) + tr(S_2) - 2 tr( (S_1 S_2)^(1/2) ).
-A figure means little without its sample count (few-sample FID is biased upwards and not comparable with the
-50k-sample FID of Karras et al. 2022), so :func:`compute_fid` always reports the counts beside it.
+KID (Binkowski et al. 2018): the unbiased estimate of the squared maximum mean discrepancy between the two feature
+distributions under the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (d the feature dimension), on subsets
+x_1..x_m and y_1..y_m of the two sets:
+    MMD^2_u = [sum_{i != j} k(x_i, x_j) + sum_{i != j} k(y_i, y_j)] / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2,
+averaged over random subsets (the spread over subsets is reported beside it). FID is biased upwards at small sample
+counts and comparable only at equal counts (Karras et al. 2022 report 50k-sample FID); KID is unbiased, which is why
+it is the figure to report at about a thousand samples. Every result carries its sample counts.
 
-Feature extractors are ``nn.Module``s mapping images [B, C, H, W] in [-1, 1] to features [B, F]:
-- :class:`InceptionFeatures`: torch-fidelity's InceptionV3 (2048-d pool features), the standard FID network;
-  needs the weights file (offline: it fails within seconds and names the file to provide).
-- :class:`RandomConvFeatures`: a fixed random conv net, for tests and offline runs: the Frechet distance in that
-  random-feature space is a consistency check, NOT comparable with FID.
-An extractor may declare a ``feature_id`` string; it names the feature space in results and cache keys.
-
-Under DDP a caller can shard the images, run :func:`extract_features` per rank, gather the features and call
-:func:`feature_statistics` / :func:`frechet_distance` on the concatenation.
+Features come from :mod:`calmwild.features`; FID proper needs :class:`~calmwild.features.InceptionFeatures`.
+Under DDP a caller can shard the samples, extract features per rank, gather them and call :func:`sample_quality`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_NAME}"
-CACHE_FORMAT_VERSION = 1
+from calmwild.checks import check_count
+from calmwild.features import extract_features, extractor_identity, to_uint8
+from calmwild.io import atomic_write
+
+CACHE_FORMAT_VERSION = 2
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000  # torch-fidelity's and torchmetrics' default
+KID_REFERENCE_FEATURES = 10_000  # reference features kept for KID (a seeded subset of larger sets)
+STATISTICS_FILE_PREFIX = "file:"  # the feature_extractor of statistics read from a file: not known, only F is checked
 
 
 # ------------------------------------------------------------------------------------------------ Frechet distance
@@ -83,256 +82,77 @@ def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray,
     return mu, centred.T @ centred / (x.shape[0] - 1)
 
 
-# ------------------------------------------------------------------------------------------------ feature extractors
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 0..255 (clamped, rounded to nearest), on the same device."""
-    return ((images.detach().clamp(-1.0, 1.0) + 1.0) * 127.5).round_().to(torch.uint8)
+# ------------------------------------------------------------------------------------------------ kernel distance
+def _cubic_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """k(x_i, y_j) = (x_i . y_j / d + 1)^3 for all pairs: [len(x), len(y)]."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
 
 
-class InceptionWeightsUnavailable(RuntimeError):
-    """The InceptionV3 weights file is missing and could not be downloaded."""
+def kernel_distance(features: object, reference: object, subsets: int = KID_SUBSETS,
+                    subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> dict[str, float | int]:
+    """KID between two feature sets [N, F] and [M, F] (see the module docstring): the mean of MMD^2_u over ``subsets``
+    pairs of subsets of m = min(subset_size, N, M) rows each, drawn without replacement from a generator seeded with
+    ``seed`` (for each subset: a permutation of the samples, then one of the reference); also their standard
+    deviation (divisor ``subsets``). In float64.
 
-
-def inception_weights_default_path() -> Path:
-    """Where torch.hub (and torch-fidelity) look for the weights: $TORCH_HOME/hub/checkpoints/<file>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
-
-
-def _unavailable(reason: str, target: Path) -> InceptionWeightsUnavailable:
-    return InceptionWeightsUnavailable(
-        f"InceptionV3 weights for FID are unavailable: {reason}. Provide the file {INCEPTION_WEIGHTS_NAME} either "
-        f"at {target} (that is $TORCH_HOME/hub/checkpoints/{INCEPTION_WEIGHTS_NAME}; TORCH_HOME decides the "
-        f"folder) or anywhere, passing its path as the weights_path option (calmwild's fid_weights_path; the FID "
-        f"callback's weights_path). It can be fetched on a machine with network access from "
-        f"{INCEPTION_WEIGHTS_URL}. Offline, the 'random' feature extractor (RandomConvFeatures) gives a (non-FID) "
-        "random-feature distance."
-    )
-
-
-def _can_connect(url: str, timeout: float) -> str | None:
-    """None if a TCP connection to the URL's host opens within ``timeout`` seconds, else the reason. The attempt
-    runs in a daemon thread joined with that deadline, so a hanging name lookup cannot block the caller."""
-    parsed = urlparse(url)
-    outcome: dict[str, str | None] = {}
-
-    def attempt() -> None:
-        try:
-            socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
-            outcome["reason"] = None
-        except Exception as error:  # name lookup, refused, unreachable, timed out: all mean "no download"
-            outcome["reason"] = f"cannot reach {parsed.hostname} ({type(error).__name__}: {error})"
-
-    thread = threading.Thread(target=attempt, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return outcome.get("reason", f"no connection to {parsed.hostname} within {timeout:g} s")
-
-
-def _download_weights(target: Path, timeout: float) -> None:
-    """Fetch the weights to ``target`` (torch.hub writes a temporary file and moves it into place). Fails within
-    about ``timeout`` seconds without network; during the transfer every socket read times out after ``timeout``."""
-    reason = _can_connect(INCEPTION_WEIGHTS_URL, timeout)
-    if reason is not None:
-        raise _unavailable(f"not found at {target} and the download is impossible: {reason}", target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(target), progress=False)
-    except Exception as error:  # any failure of the transfer is reported with the file to provide
-        raise _unavailable(f"the download failed ({type(error).__name__}: {error})", target) from error
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-class InceptionFeatures(nn.Module):
-    """2048-d pool features of the FID InceptionV3 (torch-fidelity's ``FeatureExtractorInceptionV3``, a port of
-    the TensorFlow graph) for images in [-1, 1]: quantised to uint8 as the network expects (grayscale repeated to
-    3 channels), resized to 299x299 inside the network.
-
-    Weights: ``weights_path`` if given (it must exist), else
-    $TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth if present, else a download there when
-    ``download`` is true. The file is checked for BEFORE any network access; offline, construction fails within
-    about ``download_timeout`` seconds with :class:`InceptionWeightsUnavailable` naming the file to provide.
-    ``internal_dtype``: "float32" (default) or "float64" inside the network.
-    """
-
-    def __init__(
-        self,
-        weights_path: str | os.PathLike | None = None,
-        download: bool = True,
-        download_timeout: float = 5.0,
-        internal_dtype: str = "float32",
-    ):
-        super().__init__()
-        if not download_timeout > 0:
-            raise ValueError(f"download_timeout must be positive seconds, got {download_timeout!r}")
-        if weights_path is not None:
-            path = Path(weights_path).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"weights_path {str(path)!r} is not a file; expected the "
-                                        f"InceptionV3 weights {INCEPTION_WEIGHTS_NAME} (from {INCEPTION_WEIGHTS_URL})")
-        else:
-            path = inception_weights_default_path()
-            if not path.is_file():
-                if not download:
-                    raise _unavailable(f"not found at {path} and download=False", path)
-                _download_weights(path, download_timeout)
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path),
-            feature_extractor_internal_dtype=internal_dtype,
-        )
-        self.weights_path = str(path)
-        self.feature_id = "inception-v3-2048"
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"InceptionFeatures expects images [B, 1 or 3, H, W] in [-1, 1], "
-                             f"got {tuple(images.shape)}")
-        x = to_uint8(images)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return self.net(x.contiguous())[0]
-
-
-class RandomConvFeatures(nn.Module):
-    """A fixed, randomly initialised conv net (deterministic given ``seed``, never trained) for images [B,
-    in_channels, H, W] of any size in [-1, 1]: conv3x3 (32) - ReLU - conv3x3 stride 2 (64) - ReLU - adaptive
-    average pool 4x4 - linear to ``dim``, He-scaled Gaussian weights.
-
-    A documented stand-in for offline runs and tests: the Frechet distance in this random-feature space is zero
-    for identical statistics and grows with distribution shift, but it is NOT comparable with FID.
-    """
-
-    width = 32
-
-    def __init__(self, in_channels: int = 3, dim: int = 64, seed: int = 0):
-        super().__init__()
-        for name, value in (("in_channels", in_channels), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        gen = torch.Generator().manual_seed(seed)
-        width = self.width
-
-        def he(*shape: int) -> torch.Tensor:
-            fan_in = int(np.prod(shape[1:]))
-            return torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
-
-        self.register_buffer("w1", he(width, in_channels, 3, 3))
-        self.register_buffer("w2", he(2 * width, width, 3, 3))
-        self.register_buffer("w3", he(dim, 2 * width * 16))
-        self.in_channels = in_channels
-        self.feature_id = f"random-conv-{dim}-seed{seed}"
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != self.in_channels:
-            raise ValueError(f"RandomConvFeatures expects images [B, {self.in_channels}, H, W], "
-                             f"got {tuple(images.shape)}")
-        h = F.relu(F.conv2d(images.to(self.w1.dtype), self.w1, padding=1))
-        h = F.relu(F.conv2d(h, self.w2, stride=2, padding=1))
-        return F.adaptive_avg_pool2d(h, 4).flatten(1) @ self.w3.T
-
-
-FEATURE_EXTRACTORS = ("inception", "random")
-
-
-def build_feature_extractor(
-    name: str = "inception",
-    in_channels: int = 3,
-    weights_path: str | os.PathLike | None = None,
-    dim: int = 64,
-    seed: int = 0,
-) -> nn.Module:
-    """An extractor by name: "inception" -> :class:`InceptionFeatures` (FID proper, from ``weights_path`` or
-    $TORCH_HOME; any ``in_channels`` of 1 or 3 works), "random" -> :class:`RandomConvFeatures` (``in_channels``,
-    ``dim``, ``seed``; not comparable with FID)."""
-    if name == "inception":
-        return InceptionFeatures(weights_path=weights_path)
-    if name == "random":
-        return RandomConvFeatures(in_channels, dim=dim, seed=seed)
-    raise ValueError(f"feature extractor name must be one of {', '.join(map(repr, FEATURE_EXTRACTORS))}, "
-                     f"got {name!r}")
-
-
-def extractor_identity(extractor: nn.Module) -> str:
-    """Class name plus the declared ``feature_id``, else plus a sha256 (16 hex digits) of the state_dict."""
-    feature_id = getattr(extractor, "feature_id", None)
-    if feature_id is None:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(extractor.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        feature_id = f"state-sha256:{digest.hexdigest()[:16]}"
-    return f"{type(extractor).__name__}:{feature_id}"
-
-
-def _module_device(module: nn.Module) -> torch.device | None:
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return None
-
-
-def extract_features(
-    images: torch.Tensor,
-    extractor: nn.Module,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Features [N, F] (float64, CPU) of images [N, C, H, W] in [-1, 1], batched under ``torch.no_grad`` with the
-    extractor in eval mode (its mode is restored afterwards). Runs on ``device``, else the extractor's device."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError(f"images must be a tensor [N, C, H, W], got {getattr(images, 'shape', type(images))}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if device is None:
-        device = _module_device(extractor)
-    device = torch.device(device) if device is not None else images.device
-    was_training = extractor.training
-    extractor.eval()
-    chunks = []
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc="features"):
-                batch = images[start : start + batch_size].to(device)
-                out = extractor(batch)
-                if out.ndim != 2 or out.shape[0] != batch.shape[0]:
-                    raise ValueError(f"the feature extractor must return [B, F], got {tuple(out.shape)} for a batch "
-                                     f"of {batch.shape[0]}")
-                chunks.append(out.detach().to("cpu", torch.float64))
-    finally:
-        extractor.train(was_training)
-    if not chunks:
-        raise ValueError("no images to extract features from")
-    return torch.cat(chunks)
+    The kernel is evaluated once on every pair of rows any subset uses, and every subset's block sums come from one
+    product with the subsets' 0/1 indicator vectors, so more subsets cost little (torchmetrics' KID recomputes the
+    kernels of every subset: 3 m^2 F multiply-adds each)."""
+    a = torch.as_tensor(_as_float64(features))
+    b = torch.as_tensor(_as_float64(reference))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"KID needs two feature sets [N, F] of one dimension F, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    subsets, subset_size = check_count(subsets, "subsets"), check_count(subset_size, "subset_size", 2)
+    m = min(subset_size, a.shape[0], b.shape[0])
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 features in each set, got {a.shape[0]} and {b.shape[0]}")
+    gen = torch.Generator().manual_seed(seed)
+    draws = [(torch.randperm(a.shape[0], generator=gen)[:m], torch.randperm(b.shape[0], generator=gen)[:m])
+             for _ in range(subsets)]
+    used_a = torch.unique(torch.cat([rows for rows, _ in draws]))
+    used_b = torch.unique(torch.cat([rows for _, rows in draws]))
+    k_aa = _cubic_kernel(a[used_a], a[used_a])
+    k_bb = _cubic_kernel(b[used_b], b[used_b])
+    k_ab = _cubic_kernel(a[used_a], b[used_b])
+    # subset indicators [subsets, rows used]: the sum of a kernel block over subset rows S, T is (1_S K 1_T)
+    in_a = torch.zeros(subsets, len(used_a), dtype=torch.float64)
+    in_b = torch.zeros(subsets, len(used_b), dtype=torch.float64)
+    for i, (rows_a, rows_b) in enumerate(draws):
+        in_a[i, torch.searchsorted(used_a, rows_a)] = 1.0
+        in_b[i, torch.searchsorted(used_b, rows_b)] = 1.0
+    within_a = ((in_a @ k_aa) * in_a).sum(1) - in_a @ k_aa.diagonal()
+    within_b = ((in_b @ k_bb) * in_b).sum(1) - in_b @ k_bb.diagonal()
+    across = ((in_a @ k_ab) * in_b).sum(1)
+    values = (within_a + within_b) / (m * (m - 1)) - 2.0 * across / m**2
+    return {"kid": float(values.mean()), "kid_std": float(values.std(unbiased=False)), "kid_subset_size": m,
+            "kid_subsets": subsets}
 
 
 # ------------------------------------------------------------------------------------------------ reference statistics
 class ReferenceStats(NamedTuple):
-    """Feature statistics of a reference image set: ``mu`` [F] and ``cov`` [F, F] (float64 numpy), the number of
-    images (also as ``num``), the extractor identity (:func:`extractor_identity`) and the content key
-    (:func:`content_key`, 16 hex digits) naming the image set and feature space in reports and cache files."""
+    """Feature statistics of a reference set: ``mu`` [F] and ``cov`` [F, F] (float64 numpy), the number of images
+    (``num_samples``; None when a statistics file does not say), the extractor identity
+    (:func:`~calmwild.features.extractor_identity`), the content key naming the set and feature space in reports and
+    cache files, and up to :data:`KID_REFERENCE_FEATURES` of the features themselves (float32 [K, F], for KID;
+    None for statistics read from a file)."""
 
     mu: np.ndarray
     cov: np.ndarray
-    num_samples: int
+    num_samples: int | None
     feature_extractor: str
     key: str | None = None
+    features: np.ndarray | None = None
 
     @property
-    def num(self) -> int:
+    def num(self) -> int | None:
         """The number of reference images (alias of ``num_samples``)."""
         return self.num_samples
 
 
 def content_key(images: torch.Tensor, extractor: nn.Module) -> str:
-    """The first 16 hex digits of the sha256 of the uint8-quantised images (see :func:`to_uint8`), their shape and
-    the extractor identity (:func:`extractor_identity`, which contains its ``feature_id``)."""
+    """The first 16 hex digits of the sha256 of the uint8-quantised images (see :func:`~calmwild.features.to_uint8`),
+    their shape and the extractor identity (:func:`~calmwild.features.extractor_identity`)."""
     digest = hashlib.sha256()
     digest.update(f"calmwild-reference-v{CACHE_FORMAT_VERSION}|{tuple(images.shape)}|".encode())
     digest.update(extractor_identity(extractor).encode())
@@ -341,28 +161,34 @@ def content_key(images: torch.Tensor, extractor: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def kept_features(features: torch.Tensor, limit: int = KID_REFERENCE_FEATURES) -> np.ndarray:
+    """The features kept for KID: all of them, or a subset of ``limit`` rows chosen with seed 0 (in index order)."""
+    if features.shape[0] > limit:
+        rows = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        features = features[rows]
+    return features.to(torch.float32).numpy()
+
+
 def _load_cached(path: Path, key: str) -> ReferenceStats:
     """A cache file's statistics after checking everything; any problem raises (the caller recomputes)."""
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or data.get("format_version") != CACHE_FORMAT_VERSION or data.get("key") != key:
         raise ValueError("unexpected format or content key")
     mu, cov = np.asarray(data["mu"].numpy(), np.float64), np.asarray(data["cov"].numpy(), np.float64)
+    features = data["features"].numpy()
     f = mu.shape[0]
-    if mu.shape != (f,) or cov.shape != (f, f) or not (np.isfinite(mu).all() and np.isfinite(cov).all()):
+    if mu.shape != (f,) or cov.shape != (f, f) or features.ndim != 2 or features.shape[1] != f:
         raise ValueError("malformed statistics")
-    return ReferenceStats(mu, cov, int(data["num_samples"]), str(data["feature_extractor"]), key)
+    if not (np.isfinite(mu).all() and np.isfinite(cov).all() and np.isfinite(features).all()):
+        raise ValueError("non-finite statistics")
+    return ReferenceStats(mu, cov, int(data["num_samples"]), str(data["feature_extractor"]), key, features)
 
 
-def _save_atomic(stats: ReferenceStats, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        torch.save({"format_version": CACHE_FORMAT_VERSION, "key": stats.key, "mu": torch.from_numpy(stats.mu),
-                    "cov": torch.from_numpy(stats.cov), "num_samples": stats.num_samples,
-                    "feature_extractor": stats.feature_extractor}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _save(stats: ReferenceStats, path: Path) -> None:
+    content = {"format_version": CACHE_FORMAT_VERSION, "key": stats.key, "mu": torch.from_numpy(stats.mu),
+               "cov": torch.from_numpy(stats.cov), "features": torch.from_numpy(stats.features),
+               "num_samples": stats.num_samples, "feature_extractor": stats.feature_extractor}
+    atomic_write(path, lambda handle: torch.save(content, handle))
 
 
 def reference_statistics(
@@ -374,13 +200,13 @@ def reference_statistics(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> ReferenceStats:
-    """Feature mean/covariance of a reference set, cached on disk as ``<cache_dir>/<name>-<key>.pt``.
+    """Feature mean/covariance (and the features kept for KID) of a reference set of images [N, C, H, W] (float in
+    [-1, 1] or uint8), cached on disk as ``<cache_dir>/<name>-<key>.pt``.
 
     The key (:func:`content_key`) hashes the uint8-quantised images, their shape and the extractor identity, so
     any change of content or of feature space gives a new file (a change below 1/255 of the range does not).
-    Files are written atomically (temporary file + os.replace). A cache file that cannot be read or does not match
-    its key is recomputed and overwritten with a warning, never trusted. ``cache_dir=None`` disables caching (the
-    key is still computed and returned).
+    Files are written atomically. A cache file that cannot be read or does not match its key is recomputed and
+    overwritten with a warning, never trusted. ``cache_dir=None`` disables caching (the key is still computed).
     """
     if not isinstance(name, str) or not name or os.sep in name or (os.altsep and os.altsep in name):
         raise ValueError(f"name must be a non-empty file-name prefix without path separators, got {name!r}")
@@ -395,45 +221,67 @@ def reference_statistics(
             except Exception as error:  # unreadable or inconsistent: recompute rather than trust it
                 warnings.warn(f"ignoring corrupt FID reference cache {path} ({type(error).__name__}: {error}); "
                               "recomputing", RuntimeWarning, stacklevel=2)
-    mu, cov = feature_statistics(extract_features(images, extractor, batch_size, device, progress))
-    stats = ReferenceStats(mu, cov, int(images.shape[0]), extractor_identity(extractor), key)
+    features = extract_features(images, extractor, batch_size, device, progress)
+    mu, cov = feature_statistics(features)
+    stats = ReferenceStats(mu, cov, int(images.shape[0]), extractor_identity(extractor), key, kept_features(features))
     if path is not None:
-        _save_atomic(stats, path)
+        _save(stats, path)
     return stats
 
 
-def compute_fid(
+# ------------------------------------------------------------------------------------------------ sample quality
+def sample_quality(features: torch.Tensor | np.ndarray, reference: ReferenceStats, feature_extractor: str,
+                   kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
+                   seed: int = 0) -> dict[str, Any]:
+    """FID and KID of sample features [N, F] against ``reference`` (statistics of the same feature space, named by
+    ``feature_extractor``): {"fid", "kid", "kid_std", "kid_subset_size", "kid_subsets", "num_samples",
+    "num_reference", "feature_extractor"}. The KID entries are None when the reference holds no features (statistics
+    read from a file)."""
+    from_file = reference.feature_extractor.startswith(STATISTICS_FILE_PREFIX)  # feature space unknown: check F
+    if not from_file and reference.feature_extractor != feature_extractor:
+        raise ValueError(f"reference statistics were computed with {reference.feature_extractor!r}, not with the "
+                         f"given extractor {feature_extractor!r}")
+    mu, cov = feature_statistics(features)
+    if mu.shape != reference.mu.shape:
+        raise ValueError(f"sample features have dimension {mu.shape[0]}, the reference statistics "
+                         f"{reference.mu.shape[0]}: they come from different feature spaces")
+    result: dict[str, Any] = {"fid": frechet_distance(mu, cov, reference.mu, reference.cov)}
+    if reference.features is not None:
+        result.update(kernel_distance(features, reference.features, kid_subsets, kid_subset_size, seed))
+    else:
+        result.update({"kid": None, "kid_std": None, "kid_subset_size": None, "kid_subsets": None})
+    result.update({"num_samples": int(features.shape[0]), "num_reference": reference.num_samples,
+                   "feature_extractor": feature_extractor})
+    return result
+
+
+def compute_quality(
     samples: torch.Tensor,
     reference: torch.Tensor | ReferenceStats,
     extractor: nn.Module,
     batch_size: int = 256,
     device: torch.device | str | None = None,
     progress: bool = False,
-) -> dict[str, float | int | str]:
-    """Frechet distance between ``samples`` and ``reference`` (images [N, C, H, W] in [-1, 1], or precomputed
-    :class:`ReferenceStats` from the same extractor) in the extractor's feature space.
-
-    Returns {"fid": float, "num_samples": int, "num_reference": int, "feature_extractor": identity}; it is FID
-    proper only with :class:`InceptionFeatures`, and comparable only between equal sample counts.
-    """
+) -> dict[str, Any]:
+    """:func:`sample_quality` of ``samples`` against ``reference`` (images [N, C, H, W] in [-1, 1], or precomputed
+    :class:`ReferenceStats`) in the extractor's feature space; FID proper only with Inception features."""
     identity = extractor_identity(extractor)
-    if isinstance(reference, ReferenceStats):
-        if reference.feature_extractor != identity:
-            raise ValueError(f"reference statistics were computed with {reference.feature_extractor!r}, "
-                             f"not with the given extractor {identity!r}")
-        ref = reference
-    else:
-        ref = reference_statistics(reference, extractor, None, batch_size=batch_size, device=device,
-                                   progress=progress)
-    mu, cov = feature_statistics(extract_features(samples, extractor, batch_size, device, progress))
-    return {"fid": frechet_distance(mu, cov, ref.mu, ref.cov), "num_samples": int(samples.shape[0]),
-            "num_reference": ref.num_samples, "feature_extractor": identity}
+    if not isinstance(reference, ReferenceStats):
+        reference = reference_statistics(reference, extractor, None, batch_size=batch_size, device=device,
+                                         progress=progress)
+    features = extract_features(samples, extractor, batch_size, device, progress)
+    return sample_quality(features, reference, identity)
 
 
-def fid_report(fid: Mapping[str, Any], reference: str, reference_key: str | None) -> tuple[dict, dict[str, float]]:
-    """The ``fid`` JSON section (the dict of :func:`calmwild.fid.compute_fid` plus the reference set's name and
-    content key) and the metrics ``fid/value`` and ``fid/num_samples`` -- the count always beside the figure,
-    since few-sample FID is biased upwards and comparable only at equal counts (Karras et al. 2022 report 50k-sample
-    FID)."""
-    section = {**fid, "reference": reference, "reference_key": reference_key}
-    return section, {"fid/value": float(fid["fid"]), "fid/num_samples": float(fid["num_samples"])}
+def quality_report(quality: Mapping[str, Any], reference: str, reference_key: str | None
+                   ) -> tuple[dict, dict[str, float]]:
+    """The ``fid`` JSON section (the dict of :func:`sample_quality` plus the reference set's name and content key)
+    and the logged metrics ``fid/value``, ``fid/num_samples`` and, when KID was computed, ``kid/value``, ``kid/std``,
+    ``kid/num_samples``, ``kid/subset_size`` -- the counts always beside the figures."""
+    section = {**quality, "reference": reference, "reference_key": reference_key}
+    metrics = {"fid/value": float(quality["fid"]), "fid/num_samples": float(quality["num_samples"])}
+    if quality.get("kid") is not None:
+        metrics.update({"kid/value": float(quality["kid"]), "kid/std": float(quality["kid_std"]),
+                        "kid/num_samples": float(quality["num_samples"]),
+                        "kid/subset_size": float(quality["kid_subset_size"])})
+    return section, metrics

@@ -14,6 +14,7 @@ leaves no directory behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -31,7 +32,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger
 
 from calmwild.checkpoint_io import AtomicCheckpointIO
-from calmwild.checkpoints import is_safetensors, read_checkpoint
+from calmwild.compare import run_labels
+from calmwild.checkpoints import backbone_class, backbone_config, check_metadata, is_safetensors, read_checkpoint
+from calmwild import data as calmwild_data
 from calmwild.data import InMemoryImageDataModule
 from calmwild.module import DiffusionModule
 from calmwild.runs import (
@@ -39,6 +42,7 @@ from calmwild.runs import (
     LAST_CHECKPOINT,
     LOG_DIR,
     METRICS_FILE,
+    RUN_PREFIX,
     RunLock,
     find_latest_run,
     intact_checkpoints,
@@ -53,11 +57,32 @@ from calmwild.runs import (
     write_metric_rows,
 )
 from callbacks.interrupt import SaveOnInterrupt
+from callbacks.predict import GRID_FILE, SAMPLES_FILE, SUMMARY_FILE, SampleWriter
 
-# lightning 2.6 with torch 2.14 warns about a torch-internal deprecation on every fit; it says nothing to users.
+# lightning 2.6 with torch 2.14 and jsonargparse 4.5x warns about their internal deprecations on every fit (LeafSpec,
+# all_gather; the jsonargparse API Lightning's CLI calls); they say nothing to users.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message=r".*torch.distributed.nn.functional.all_gather is deprecated")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
+# max_steps runs span many epochs of a small training set; logging follows the global step, so nothing is lost
+warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
+
+
+class _WithoutAdvertisements(logging.Filter):
+    """Drops Lightning's "Tip: ... try installing litlogger" line from every fit's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_WithoutAdvertisements())
+# every calmwild datamodule imported, so that jsonargparse finds each by its short name (``--data DigitsDataModule``)
+DATAMODULES = [getattr(calmwild_data, name) for name in calmwild_data.__all__ if name.endswith("DataModule")]
 WANDB_ID_FILE = "wandb_run_id.txt"
 RUN_DIR_ENV = "CALMWILD_RUN_DIR"
+EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+DEFAULT_PREDICT_SAMPLES = 64
+SAMPLES_FILE_NAMES = f"{SAMPLES_FILE}, {GRID_FILE}, {SUMMARY_FILE}"
 
 
 def _as_list(value: Any) -> list:
@@ -121,10 +146,10 @@ class CalmwildSaveConfig(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         path = Path(trainer.default_root_dir) / self.config_filename
-        self.parser.save(self.config, str(path), skip_none=False, overwrite=False, multifile=self.multifile)
+        self.parser.save(self.config, str(path), skip_unset=False, overwrite=False, multifile=self.multifile)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                config = self.parser.dump(self.config, skip_none=False, format="json")
+                config = self.parser.dump(self.config, skip_unset=False, format="json")
                 logger.experiment.config.update({"cli": json.loads(config)}, allow_val_change=True)
 
 
@@ -174,12 +199,17 @@ class CalmwildCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         self._check_devices(cfg.trainer.get("devices"))
-        if self.subcommand != "fit":
+        if self.subcommand not in ("fit", *EVALUATION_SUBCOMMANDS):
             return
         self._check_wandb(cfg)
         config_files = _as_list(cfg.get("config"))
         self.run_name = Path(str(config_files[-1])).stem if config_files else "default"
         root = Path(cfg.trainer.default_root_dir or f"runs/{self.run_name}")
+        if self.subcommand in EVALUATION_SUBCOMMANDS:
+            self._prepare_evaluation(cfg, root)
+            return
+        if cfg.trainer.get("limit_val_batches") is None:  # evaluations run through the callbacks, on their schedule
+            cfg.trainer.limit_val_batches = 0
         resume_step = None
         if cfg.get("ckpt_path"):
             if cfg.ckpt_path == "last":
@@ -197,6 +227,66 @@ class CalmwildCLI(LightningCLI):
             )
         self._place_loggers(cfg, run_dir, self.run_name, resume_step)
         self._place_checkpoints(cfg, run_dir)
+
+    def _prepare_evaluation(self, cfg: Namespace, root: Path) -> None:
+        """``validate`` / ``test`` / ``predict``: the checkpoint is read safely and decides the network (backbone
+        class and config, sigma_data, sampling class; the config decides data, callbacks and loggers); the results go
+        to a new directory ``<root>/<subcommand>-<time>-<id>``; ``predict`` gets a :class:`callbacks.SampleWriter`
+        unless one is configured. The weights are loaded by :meth:`DiffusionModule.load_network_weights` in
+        :meth:`validate` / :meth:`test` / :meth:`predict`, not by Lightning's loop (which expects a training state)."""
+        subcommand = self.subcommand
+        if not cfg.get("ckpt_path"):
+            raise ValueError(f"calmwild {subcommand} needs --ckpt_path: the checkpoint to evaluate (a fit's .ckpt, a "
+                             ".safetensors file, or a network imported with `calmwild import-edm`)")
+        path = Path(cfg.ckpt_path)
+        try:
+            checkpoint = read_checkpoint(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file") from None
+        except ValueError as err:
+            raise ValueError(f"--ckpt_path {path} is not a usable calmwild checkpoint: {err}") from None
+        self._evaluated_checkpoint = checkpoint
+        self._adopt_network(cfg, checkpoint.get("calmwild"), path)
+        for key in ("limit_val_batches", "limit_test_batches"):  # a fit's `limit_val_batches: 0` would skip the run
+            if cfg.trainer.get(key) == 0:
+                cfg.trainer[key] = None
+        run_dir = self._evaluation_dir(root, subcommand)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        cfg.trainer.default_root_dir = str(run_dir)
+        self._place_loggers(cfg, run_dir, f"{self.run_name}-{subcommand}", None)
+        callbacks = _as_list(cfg.trainer.callbacks)
+        if subcommand == "predict" and not any(
+                isinstance(cb, Namespace) and cb.class_path.endswith("SampleWriter") for cb in callbacks):
+            cfg.trainer.callbacks = [*callbacks, Namespace(class_path="callbacks.SampleWriter",
+                                                           init_args=Namespace(num_samples=DEFAULT_PREDICT_SAMPLES))]
+
+    @staticmethod
+    def _adopt_network(cfg: Namespace, meta: Any, path: Path) -> None:
+        """The model config takes the checkpoint's network: its backbone (a class the user's config names or trusts,
+        :func:`calmwild.checkpoints.backbone_class`), backbone config, sigma_data and sampling class."""
+        meta = check_metadata(meta, path)
+        configured = cfg.model.get("backbone")
+        trusted = (configured.class_path,) if isinstance(configured, Namespace) and "class_path" in configured else ()
+        backbone = backbone_class(meta, path, trusted)
+        config = backbone_config(meta, path, trusted)
+        cfg.model.backbone = Namespace(class_path=f"{backbone.__module__}.{backbone.__qualname__}",
+                                       init_args=Namespace(**config))
+        cfg.model.sigma_data = float(meta["sigma_data"])
+        if meta.get("sample_class") is not None or int(config.get("num_classes", 0)) > 0:
+            cfg.model.sample_class = meta.get("sample_class") if meta.get("sample_class") is not None else 0
+
+    def _evaluation_dir(self, root: Path, subcommand: str) -> Path:
+        """A new directory for one evaluation subcommand; one per launcher job (rank 0 makes it, the others wait)."""
+        self._new_run_dir = None
+        if _is_ddp_child():
+            return Path(os.environ[RUN_DIR_ENV])
+        rank, job_name = launcher_rank(), launcher_run_name()
+        name = (job_name.replace(RUN_PREFIX, f"{subcommand}-", 1) if job_name else
+                f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+        if rank not in (None, 0):
+            return wait_for_run_dir(root / name)
+        self._new_run_dir = new_run_dir(root, name)
+        return self._new_run_dir
 
     @staticmethod
     def _check_devices(devices: Any) -> None:
@@ -257,6 +347,10 @@ class CalmwildCLI(LightningCLI):
 
     @staticmethod
     def _place_loggers(cfg: Namespace, run_dir: Path, run_name: str, resume_step: int | None) -> None:
+        """Every logger writes into the run directory; the CSV logger keeps a resumed run's history; a WandbLogger
+        continues the run's W&B run when resuming in place, and gets the run's experiment family as its ``group``
+        and dataset, N, sampler and band as ``tags`` (:func:`calmwild.compare.run_labels`) unless configured."""
+        labels = run_labels(cfg.as_dict())
         for logger in _as_list(cfg.trainer.logger):
             if not isinstance(logger, Namespace) or "init_args" not in logger:
                 continue
@@ -279,6 +373,10 @@ class CalmwildCLI(LightningCLI):
                         id_file.write_text(args.id)
                 if not args.get("name"):
                     args.name = run_name
+                if not args.get("group"):
+                    args.group = labels.group
+                if not args.get("tags"):
+                    args.tags = labels.tags
 
     @staticmethod
     def _check_wandb(cfg: Namespace) -> None:
@@ -352,6 +450,47 @@ class CalmwildCLI(LightningCLI):
         run_dir = getattr(self, "_new_run_dir", None)
         if run_dir is not None:
             remove_unused_run_dir(run_dir, extra=(WANDB_ID_FILE,))
+
+    # ------------------------------------------------------------------ validate, test, predict
+    def _load_evaluated_weights(self) -> int:
+        where = f"checkpoint {self.config_init[self.subcommand].ckpt_path}"
+        return self.model.load_network_weights(self._evaluated_checkpoint, where)
+
+    def validate(self, model: DiffusionModule, datamodule: Any = None, verbose: bool = True, **_: Any) -> Any:
+        """Runs the configured evaluation callbacks (and the held-out loss) once on the checkpoint's weights."""
+        self._load_evaluated_weights()
+        self.results = self.trainer.validate(model, datamodule=datamodule, verbose=False)
+        self._print_results("validate")
+        return self.results
+
+    def test(self, model: DiffusionModule, datamodule: Any = None, verbose: bool = True, **_: Any) -> Any:
+        """As :meth:`validate`, scored against the held-out set where that differs (FID's reference)."""
+        self._load_evaluated_weights()
+        self.results = self.trainer.test(model, datamodule=datamodule, verbose=False)
+        self._print_results("test")
+        return self.results
+
+    def predict(self, model: DiffusionModule, datamodule: Any = None, **_: Any) -> Any:
+        """Writes the checkpoint's samples (:class:`callbacks.SampleWriter`)."""
+        self._load_evaluated_weights()
+        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, SampleWriter))
+        self.trainer.predict(model, dataloaders=writer.dataloader(), return_predictions=False)
+        if self.trainer.is_global_zero:
+            written = writer.written
+            print(f"calmwild: {written['num_samples']} samples of step {written['step']} in {written['directory']}: "
+                  f"{SAMPLES_FILE_NAMES}", flush=True)
+        return writer.written
+
+    def _print_results(self, subcommand: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        # the evaluation callbacks log with logger=False (they send their metrics to the loggers themselves), so their
+        # values are in callback_metrics, not in the loop's returned results
+        metrics = {key: float(value) for key, value in self.trainer.callback_metrics.items()}
+        lines = [f"calmwild {subcommand}: step {self.model.evaluated_step} of {self.config_init[subcommand].ckpt_path}"]
+        lines += [f"  {key} = {value:.6g}" for key, value in sorted(metrics.items())]
+        lines.append(f"  results: {self.trainer.default_root_dir}")
+        print("\n".join(lines), flush=True)
 
     def before_fit(self) -> None:
         """A checkpoint of another network is refused here, before the loggers, the config file or the checkpoint

@@ -24,19 +24,31 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from calmwild.checkpoints import DEFAULT_BACKBONE, FORMAT_VERSION, backbone_config
+from calmwild.checkpoints import DEFAULT_BACKBONE, EMA_PREFIX, FORMAT_VERSION, LIVE_PREFIX, backbone_config
 from calmwild.denoisers import NetworkDenoiser
 from calmwild.io import to_jsonable
 from calmwild.precond import EDMPrecond, edm_loss_weight
 from calmwild.checks import check_count
-from calmwild.sampling import generate
+from calmwild.sampling import generate, sample_indices
 from calmwild.settings import SamplingSettings
 from calmwild.sigma import LogNormal, SigmaDraw, SigmaSampler
-from calmwild.unet import UNet
 
 # The EMA copy is in eval mode on purpose (no dropout); Lightning would warn about it at every fit.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 _STEP_SEED_STRIDE = 1_000_003  # a prime, so (seed, step, rank) keys do not collide for realistic ranks
+
+
+def check_backbone(backbone: object) -> None:
+    """The config protocol a backbone must follow to be trained, checkpointed and rebuilt (see DiffusionModule)."""
+    if not isinstance(backbone, torch.nn.Module):
+        raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+    config = getattr(backbone, "config", None)
+    if not isinstance(config, dict):
+        raise TypeError(f"backbone {type(backbone).__name__} must expose a `config` dict of its constructor's keyword "
+                        "arguments (calmwild's backbone protocol), so checkpoints can rebuild it")
+    missing = [key for key in ("img_resolution", "in_channels") if key not in config]
+    if missing:
+        raise TypeError(f"backbone {type(backbone).__name__}: its `config` lacks {missing} (the image shape)")
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -48,7 +60,10 @@ class DiffusionModule(pl.LightningModule):
     """Trains ``D = EDMPrecond(backbone)`` with sigma drawn from ``sigma_sampler``.
 
     Args:
-        backbone: the raw network F(x_in, c_noise, class_labels), e.g. ``calmwild.unet.UNet``.
+        backbone: the raw network F(x_in, c_noise, class_labels), e.g. ``calmwild.unet.UNet``: any ``nn.Module`` with
+            calmwild's small config protocol -- a ``config`` dict of its constructor's keyword arguments holding at
+            least ``img_resolution`` and ``in_channels`` (and ``num_classes`` when class-conditional), and
+            ``forward(x, c_noise, class_labels=None)``.
         sigma_sampler: distribution of training noise levels; default ``LogNormal(-1.2, 1.2)`` (EDM).
         sigma_data: EDM's data standard deviation (0.5 for images in [-1, 1]).
         loss_weighting: ``edm`` (lambda(sigma) of EDM eq. 8), ``eps`` (1/sigma^2: DDPM's epsilon-prediction loss in
@@ -72,7 +87,7 @@ class DiffusionModule(pl.LightningModule):
 
     def __init__(
         self,
-        backbone: UNet,
+        backbone: torch.nn.Module,
         sigma_sampler: SigmaSampler | None = None,
         sigma_data: float = 0.5,
         loss_weighting: Literal["edm", "eps", "unit"] = "edm",
@@ -95,8 +110,7 @@ class DiffusionModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "sigma_sampler"])
-        if not hasattr(backbone, "config"):
-            raise TypeError(f"backbone {type(backbone).__name__} must expose a `config` dict to be checkpointable")
+        check_backbone(backbone)
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be positive, got {lr}")
         if nan_max_consecutive < 0 or not 0.0 <= nan_max_fraction <= 1.0:
@@ -325,6 +339,64 @@ class DiffusionModule(pl.LightningModule):
         self.net_ema.eval()  # the EMA copy never runs dropout
         return self
 
+    # ------------------------------------------------------------------ validate, test, predict
+    def _heldout_loss(self, batch: Any, batch_idx: int, stage: str) -> torch.Tensor:
+        """The training objective (eq. 1 with this module's sampler and loss weighting) of the EMA network on a batch
+        of images it did not train on, logged as ``<stage>/loss`` and ``<stage>/unweighted_mse`` (epoch means).
+        Sigmas and noises come from a generator seeded with (seed, batch index): every call gives the same numbers."""
+        images, _ = self._split_batch(batch)
+        gen = torch.Generator().manual_seed(step_seed(self.hparams.seed + 2, batch_idx, 0))
+        draw = self.sigma_sampler.sample(images.shape[0], gen)
+        noise = torch.randn(images.shape, generator=gen).to(images)
+        sigma = draw.sigma.to(images)
+        denoised = self.ema_denoiser()(images + noise * sigma.reshape(-1, 1, 1, 1), sigma)
+        per_sample = ((denoised - images) ** 2).mean(dim=(1, 2, 3))
+        loss = (self._per_sample_weight(sigma) * draw.weight.to(images) * per_sample).mean()
+        size = images.shape[0]
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        self.log(f"{stage}/unweighted_mse", per_sample.mean(), on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=size)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._heldout_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._heldout_loss(batch, batch_idx, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Samples of the EMA network for a batch of sample numbers (``calmwild predict``): sample i starts from
+        seed + i noise (:func:`calmwild.sampling.sample_indices`), ``predict_sampling`` gives seed and sampler."""
+        indices = batch[0] if isinstance(batch, (list, tuple)) else batch
+        sampling = getattr(self, "predict_sampling", None) or SamplingSettings()
+        kwargs = {k: v for k, v in sampling.generate_kwargs().items() if k not in ("seed", "batch_size")}
+        out = sample_indices(self.ema_denoiser(sampling.precision), indices.tolist(), self.image_shape,
+                             seed=sampling.seed, device=self.device, **kwargs)
+        return {"index": indices.cpu(), "samples": out.samples.to("cpu", torch.float32)}
+
+    def load_network_weights(self, checkpoint: dict, where: str = "the checkpoint") -> int:
+        """Loads the network weights of a calmwild checkpoint (a fit's ``.ckpt``, a ``.safetensors`` file, an
+        imported network) into this module -- the live weights (``net.``; the EMA ones when a file holds only those)
+        and the EMA weights (``net_ema.``) -- after :meth:`check_checkpoint`, and the sigma sampler's prepared state.
+        Returns the training step the weights are from (0 when the file does not say)."""
+        self.check_checkpoint(checkpoint.get("calmwild"), where)
+        state = checkpoint["state_dict"]
+        ema = {key[len(EMA_PREFIX):]: value for key, value in state.items() if key.startswith(EMA_PREFIX)}
+        live = {key[len(LIVE_PREFIX):]: value for key, value in state.items() if key.startswith(LIVE_PREFIX)}
+        if not ema:
+            raise ValueError(f"{where} holds no EMA weights (no state_dict key starts with {EMA_PREFIX!r})")
+        for target, weights in ((self.net_ema, ema), (self.net, live or ema)):
+            try:
+                target.load_state_dict(weights, strict=True)
+            except RuntimeError as err:
+                raise ValueError(f"{where}: its weights do not fit the network its metadata describes: "
+                                 f"{str(err).splitlines()[0]}") from None
+        sampler_state = checkpoint.get("calmwild_sigma_sampler_state")
+        if sampler_state:
+            self.sigma_sampler.load_state_dict(sampler_state)
+        self.evaluated_step = int(checkpoint.get("global_step", 0))
+        return self.evaluated_step
+
     # ------------------------------------------------------------------ evaluation and checkpoints
     def ema_denoiser(self, precision: str = "fp32") -> NetworkDenoiser:
         """The EMA network as a data-space denoiser (eval mode, no grad, sampling class applied)."""
@@ -371,7 +443,7 @@ class DiffusionModule(pl.LightningModule):
         recorded = meta.get("backbone", DEFAULT_BACKBONE)
         if recorded != mine["backbone"]:
             raise ValueError(f"{mismatch} the backbone is {recorded} in {where} but {mine['backbone']} in the config")
-        theirs = backbone_config(meta, where)
+        theirs = backbone_config(meta, where, trusted=(mine["backbone"],))
         differ = sorted(k for k in set(theirs) | set(mine["unet"]) if theirs.get(k) != mine["unet"].get(k))
         if differ:
             raise ValueError(f"{mismatch} unet is {({k: theirs.get(k) for k in differ})} in {where} but "

@@ -52,6 +52,12 @@ class RunInUseError(OSError):
 
 
 # ---------------------------------------------------------------------------------------------- naming and finding
+def evaluation_name(callback_class: str) -> str:
+    """The default name of an evaluation callback's outputs (``eval/<name>/`` and its logged images): the class name
+    in snake case, ``PerSigmaMemorization`` -> ``per_sigma_memorization``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", callback_class).lower()
+
+
 def new_run_dir(root: Path, name: str | None = None) -> Path:
     """A fresh run directory under ``root`` (created here, never reused): ``run-<time>-<id>``, or ``name``."""
     run_dir = root / (name or f"{RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from calmwild.checks import check_count
 from calmwild.denoisers import Denoiser
 from calmwild.schedule import edm_sigma_steps
 
@@ -78,8 +79,7 @@ def edm_sampler(
     (``s_churn > 0``) comes from ``generator`` (one generator, or one per row; None: the global RNG).
     ``record=True`` also returns the states and per-step denoised estimates (on CPU, in ``noise.dtype``).
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    num_steps = check_count(num_steps, "num_steps")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {list(SOLVERS)}")
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.ndim < 1:
@@ -128,6 +128,16 @@ def edm_sampler(
     )
 
 
+def sample_indices(denoiser: Denoiser, indices: Sequence[int], image_shape: Sequence[int], seed: int = 0,
+                   device: torch.device | str = "cpu", **sampler_kwargs) -> SamplerOutput:
+    """One batch of :func:`edm_sampler` for the images numbered ``indices`` (any set, e.g. one DDP rank's share):
+    image i starts from :func:`noise_for_indices` noise (seed + i) and draws its churn noise from the same per-image
+    generator, so it equals image i of :func:`generate` with the same seed."""
+    generators = _image_generators(indices, seed)
+    noise = _noise_from(generators, image_shape).to(device)
+    return edm_sampler(denoiser, noise, generator=generators, **sampler_kwargs)
+
+
 def _image_generators(indices: Sequence[int], seed: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed) + int(i)) for i in indices]
 
@@ -163,10 +173,7 @@ def generate(
     runs on ``device`` (the denoiser must accept inputs there). Returns the samples tensor, or with
     ``record=True`` a :class:`SamplerOutput` whose trajectories are concatenated over batches (dim 1).
     """
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be an integer >= 1, got {num!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    num, batch_size = check_count(num, "num"), check_count(batch_size, "batch_size")
     shape = tuple(image_shape)
     if len(shape) != 3 or any(not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
@@ -176,10 +183,9 @@ def generate(
     outputs = []
     with tqdm(total=num, unit="img", desc="sampling", disable=not progress) as bar:
         for start in range(0, num, batch_size):
-            generators = _image_generators(range(start, min(start + batch_size, num)), seed)
-            noise = _noise_from(generators, shape).to(device)
-            outputs.append(edm_sampler(denoiser, noise, record=record, generator=generators, **sampler_kwargs))
-            bar.update(noise.shape[0])
+            indices = range(start, min(start + batch_size, num))
+            outputs.append(sample_indices(denoiser, indices, shape, seed, device, record=record, **sampler_kwargs))
+            bar.update(len(indices))
 
     samples = torch.cat([out.samples.to("cpu", torch.float32) for out in outputs])
     if not record:

@@ -154,31 +154,33 @@ class GeometrySettings:
         return asdict(self)
 
 
-FID_FEATURES = ("inception", "random")
-
-
 @dataclass(frozen=True)
 class FIDSettings:
-    """The Frechet distance of generated samples to a reference set (FID with Inception features).
+    """Sample quality against a reference set: FID (Inception features) and KID beside it (:mod:`calmwild.fid`).
 
     Attributes:
         feature_extractor: ``inception`` (FID proper; needs torch-fidelity's InceptionV3 weights, see
             ``weights_path``) or ``random`` (a fixed random conv net: a consistency check, not comparable with FID).
         weights_path: InceptionV3 weights file (default: $TORCH_HOME/hub/checkpoints/, downloaded if reachable).
         reference: ``train`` or ``heldout`` (a set of the datamodule), a folder of images, a ``.npz`` of reference
-            statistics (``mu``, ``sigma``), or ``torch-fidelity:<name>`` (one of torch-fidelity's registered sets).
+            statistics (``mu``, ``sigma``; FID only), or ``torch-fidelity:<name>`` (a dataset registered with
+            torch-fidelity, e.g. ``torch-fidelity:cifar10-train``); see :mod:`calmwild.references`.
         cache_dir: where reference statistics are cached (default: a ``fid_cache`` folder of the output).
+        datasets_root: where torch-fidelity keeps its datasets (default: its own, $TORCH_HOME/fidelity_datasets).
     """
 
     feature_extractor: Literal["inception", "random"] = "inception"
     weights_path: str | None = None
     reference: str = "train"
     cache_dir: str | None = None
+    datasets_root: str | None = None
 
     def __post_init__(self) -> None:
-        check_choice(self.feature_extractor, "feature_extractor", FID_FEATURES)
-        if not isinstance(self.reference, str) or not self.reference:
-            raise ValueError(f"reference must name a reference set, got {self.reference!r}")
+        from calmwild.features import FEATURE_EXTRACTORS
+        from calmwild.references import reference_kind
+
+        check_choice(self.feature_extractor, "feature_extractor", FEATURE_EXTRACTORS)
+        reference_kind(self.reference)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -127,7 +127,7 @@ def test_arguments_are_validated_and_state_keys_are_unique():
     assert len(keys) == 7
     cb = TrajectoryMemorization()
     cb.load_state_dict({"last_step": 30, "history": [{"step": 30, "traj_mem/rate": 0.5}]})
-    assert cb.state_dict() == {"last_step": 30, "history": [{"step": 30, "traj_mem/rate": 0.5}]}
+    assert cb.state_dict() == {"last_step": 30, "history": [{"step": 30, "traj_mem/rate": 0.5}], "curve_rows": {}}
 
 
 def test_fid_fails_at_setup_when_inception_weights_are_missing(tmp_path):
@@ -136,7 +136,7 @@ def test_fid_fails_at_setup_when_inception_weights_are_missing(tmp_path):
     images = torch.zeros(4, 1, 8, 8)
     fid = FID(fid=FIDSettings(weights_path=str(tmp_path / "missing.pth")))
     trainer = SimpleNamespace(datamodule=SimpleNamespace(train_images=images, heldout_images=images),
-                              callbacks=[fid], world_size=1)
+                              callbacks=[fid], checkpoint_callbacks=[], world_size=1)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         fid.setup(trainer, SimpleNamespace(image_shape=(1, 8, 8)), "fit")
     with pytest.raises(ValueError, match="cannot be split over 4 processes"):
@@ -188,15 +188,19 @@ def _expected_keys() -> dict[str, set[str]]:
         "per_sigma_mse": {f"mse/{split}/{s}" for split in ("train", "heldout", "gap") for s in sig},
         "per_sigma_memorization": {f"mem/{s}" for s in sig} | {"mem/peak_rate", "mem/peak_sigma"},
         "trajectory_memorization": {"traj_mem/rate", "traj_mem/stderr", "traj_mem/num_samples"},
-        "fid": {"fid/value", "fid/num_samples"},
+        "fid": {"fid/value", "fid/num_samples", "kid/value", "kid/std", "kid/num_samples", "kid/subset_size"},
         "sample_grid": set(),
     }
 
 
-def _check_files(run_dir: Path, steps: list[int], phases: list[str]) -> None:
+HEATMAPS = {"per_sigma_mse": {"mse_curve_heatmap.png"}, "per_sigma_memorization": {"mem_curve_heatmap.png"}}
+
+
+def _check_files(run_dir: Path, steps: list[int], phases: list[str], heatmaps: bool = True) -> None:
     for name, keys in _expected_keys().items():
         folder = run_dir / "eval" / name
         expected = {"history.json"} | {f"step_{s:07d}.{ext}" for s in steps for ext in ("json", "png")}
+        expected |= HEATMAPS.get(name, set()) if heatmaps else set()
         assert {p.name for p in folder.iterdir()} == expected, name
         history = json.loads((folder / "history.json").read_text())["history"]
         assert [h["step"] for h in history] == steps and [h["phase"] for h in history] == phases
@@ -205,13 +209,13 @@ def _check_files(run_dir: Path, steps: list[int], phases: list[str]) -> None:
             assert set(record["metrics"]) == keys and record["step"] == step
 
 
-def _wandb_history(run_dir: Path) -> list[dict[str, str]]:
-    """History rows of the offline run: the .wandb file is a LevelDB-style log (7-byte ':W&B' header, 32 KiB
-    blocks of records with a 7-byte header crc32/length/type) of ``wandb_internal_pb2.Record`` protobufs."""
+def _wandb_records(run_dir: Path) -> list:
+    """The records of the offline run: the .wandb file is a LevelDB-style log (7-byte ':W&B' header, 32 KiB blocks of
+    records with a 7-byte header crc32/length/type) of ``wandb_internal_pb2.Record`` protobufs."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    data, pos, pending, rows = path.read_bytes(), 7, b"", []
+    data, pos, pending, records = path.read_bytes(), 7, b"", []
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # block trailer too short for a header: zero padding
@@ -223,9 +227,14 @@ def _wandb_history(run_dir: Path) -> list[dict[str, str]]:
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(pending)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
-    return rows
+            records.append(record)
+    return records
+
+
+def _wandb_history(records: list) -> list[dict[str, str]]:
+    """The history rows of the records: key -> JSON value."""
+    return [{item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+            for record in records if record.WhichOneof("record_type") == "history"]
 
 
 @pytest.mark.slow
@@ -272,13 +281,23 @@ def test_single_process_fit_logs_to_csv_and_wandb(tmp_path, monkeypatch):
             assert math.isnan(logged[7]) if expected is None else logged[7] == pytest.approx(expected), key
 
     # the offline W&B run holds the same scalars against trainer/global_step, the curves and the image grid
-    history = _wandb_history(run_dir)
+    records = _wandb_records(run_dir)
+    history = _wandb_history(records)
     for keys in _expected_keys().values():
         for key in keys:
             got = sorted(int(float(r["trainer/global_step"])) for r in history if key in r)
             assert got == steps, key
-    logged = {key.split("/_type")[0] for r in history for key in r}
-    assert {"mse/curve_table", "mem/curve_table", "samples/nearest_pairs"} <= logged
+    media = {"mse/curve_table", "mem/curve_table", "mse/curve_heatmap", "mem/curve_heatmap", "samples/nearest_pairs",
+             *(f"{name}/plot" for name in ("per_sigma_mse", "per_sigma_memorization", "trajectory_memorization",
+                                           "fid"))}
+    for key in media:  # every table and image at every evaluated step
+        got = sorted(int(float(r["trainer/global_step"])) for r in history if f"{key}/_type" in r)
+        assert got == steps, key
+    last_table = [r for r in history if "mem/curve_table/_type" in r][-1]
+    assert json.loads(last_table["mem/curve_table/_type"]) == "table-file"
+    assert json.loads(last_table["mem/curve_table/nrows"]) == len(steps) * len(SIGMAS)  # sigma x step, all steps
+    (wandb_run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert wandb_run.run_group == "digits-N64" and list(wandb_run.tags) == ["digits", "N=64", "LogNormal", "band=none"]
 
     # resuming from last.ckpt (the final step 7, written after the end-of-training evaluation) keeps the schedule and
     # the history held in the callback state
@@ -298,7 +317,8 @@ def _library_results(run_dir: Path, step: int, datamodule) -> dict:
     """Single-process results on the EMA weights of the checkpoint written at ``step`` (the weights the
     callbacks evaluated at that step: both run before the module's EMA update of the step)."""
     from calmwild.denoisers import load_denoiser
-    from calmwild.fid import build_feature_extractor, compute_fid
+    from calmwild.features import build_feature_extractor
+    from calmwild.fid import compute_quality
     from calmwild.memorization.per_sigma import per_sigma_memorization, per_sigma_mse
     from calmwild.memorization.ratio import trajectory_memorization
     from calmwild.sampling import generate
@@ -313,12 +333,12 @@ def _library_results(run_dir: Path, step: int, datamodule) -> dict:
         "heldout": per_sigma_mse(denoiser, heldout[:11], SIGMAS, *args),
         "mem": per_sigma_memorization(denoiser, heldout[:11], train, SIGMAS, *args),
         "traj": trajectory_memorization(samples, train),
-        "fid": compute_fid(samples, train, build_feature_extractor("random", in_channels=1))["fid"],
+        "fid": compute_quality(samples, train, build_feature_extractor("random", in_channels=1)),
     }
 
 
-# Lightning's stock CLI on the same YAML: the DDP launcher re-runs this script for rank 1. (Through `calmwild fit`,
-# cli.py currently gives each rank its own run directory and crashes in after_fit on rank 0; see the report.)
+# Lightning's stock CLI on the same YAML (the callbacks need nothing of calmwild's CLI): the DDP launcher re-runs this
+# script for rank 1. calmwild's own CLI under DDP and torchrun is tested in test_ddp.py and test_lightning_cli.py.
 DDP_SCRIPT = """
 from lightning.pytorch.cli import LightningCLI
 from calmwild.data import InMemoryImageDataModule
@@ -343,7 +363,7 @@ def test_ddp_two_processes_match_single_process_computation(tmp_path):
                "--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    _check_files(run_dir, [3], ["train_batch_end"])  # one set of files, written by rank 0
+    _check_files(run_dir, [3], ["train_batch_end"], heatmaps=False)  # one set of files, written by rank 0
     assert _eval_json(run_dir, "per_sigma_mse", 3)["world_size"] == 2
 
     datamodule = DigitsDataModule(num_train=64, num_heldout=48, resolution=8, batch_size=16)
@@ -361,7 +381,8 @@ def test_ddp_two_processes_match_single_process_computation(tmp_path):
     traj = _eval_json(run_dir, "trajectory_memorization", 3)["trajectory_memorization"]
     assert traj["num_samples"] == SAMPLES and traj["rate"] == expected["traj"].rate
     fid = _eval_json(run_dir, "fid", 3)["fid"]
-    assert fid["num_samples"] == SAMPLES and fid["fid"] == pytest.approx(expected["fid"], rel=1e-5)
+    assert fid["num_samples"] == SAMPLES and fid["fid"] == pytest.approx(expected["fid"]["fid"], rel=1e-5)
+    assert fid["kid"] == pytest.approx(expected["fid"]["kid"], rel=1e-5, abs=1e-9)  # gathered over two ranks
     grid = _eval_json(run_dir, "sample_grid", 3)["samples"]
     assert grid["nearest_index"] == expected["traj"].result.nearest_index[:7].tolist()
     assert grid["ratio"] == pytest.approx(expected["traj"].result.ratio[:7].tolist(), rel=1e-4)

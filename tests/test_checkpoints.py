@@ -9,10 +9,12 @@ from calmwild.checkpoints import (
     backbone_config,
     convert_checkpoint,
     load_network,
+    network_state,
     read_checkpoint,
     write_checkpoint,
 )
 from calmwild.denoisers import load_denoiser
+from calmwild.precond import EDMPrecond
 
 
 def test_safetensors_round_trip_keeps_every_tensor_and_the_metadata(tmp_path, tiny_checkpoint):
@@ -67,5 +69,26 @@ def test_only_calmwilds_own_backbones_are_built_from_a_files_say_so(tmp_path, ti
     checkpoint = read_checkpoint(tiny_checkpoint)
     meta = {**checkpoint["calmwild"], "backbone": "subprocess.Popen"}
     write_checkpoint(tmp_path / "odd.ckpt", checkpoint["state_dict"], meta)
-    with pytest.raises(ValueError, match=r"backbone 'subprocess\.Popen'.*calmwild\.unet\.UNet"):
+    with pytest.raises(ValueError, match=r"backbone subprocess\.Popen;.*calmwild\.unet\.UNet or a module you trust"):
+        load_network(tmp_path / "odd.ckpt")
+
+
+def test_a_backbone_of_a_module_the_user_trusts_is_rebuilt(tmp_path, monkeypatch):
+    from tiny import ConvBackbone
+
+    backbone = ConvBackbone(channels=4)
+    net = EDMPrecond(backbone, 0.5)
+    meta = {"format_version": 1, "backbone": "tiny.ConvBackbone", "unet": backbone.config, "sigma_data": 0.5,
+            "image_shape": [1, 8, 8], "num_classes": 0, "sample_class": None}
+    write_checkpoint(tmp_path / "conv.ckpt", network_state(net), meta)
+    with pytest.raises(ValueError, match="set CALMWILD_BACKBONE_MODULES=tiny"):
+        load_network(tmp_path / "conv.ckpt")
+    monkeypatch.setenv("CALMWILD_BACKBONE_MODULES", "elsewhere, tiny")
+    loaded, _ = load_network(tmp_path / "conv.ckpt")
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 2.0])
+    torch.testing.assert_close(loaded(x, sigma), net(x, sigma), rtol=0, atol=0)
+    monkeypatch.setenv("CALMWILD_BACKBONE_MODULES", "subprocess")
+    odd = {**meta, "backbone": "subprocess.Popen"}
+    write_checkpoint(tmp_path / "odd.ckpt", network_state(net), odd)
+    with pytest.raises(ValueError, match="not a torch.nn.Module class"):
         load_network(tmp_path / "odd.ckpt")

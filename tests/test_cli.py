@@ -113,3 +113,18 @@ def test_a_failed_instantiation_never_removes_a_directory_with_user_files(tmp_pa
     with pytest.raises(ValueError, match="lr must be positive"):
         fit(tmp_path, "--model.lr=-1", "--trainer.max_steps=1")
     assert made and (made[0] / "notes.txt").read_text() == "mine"
+
+
+def test_top_level_help_lists_every_command_with_one_line():
+    from calmwild.cli import LIGHTNING_COMMANDS, command_summaries
+    from calmwild.commands import COMMANDS
+
+    script = [sys.executable, "-m", "calmwild.cli"]
+    done = subprocess.run(script + ["--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0
+    listed = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("  ")}
+    assert set(listed) == set(LIGHTNING_COMMANDS) | set(COMMANDS)
+    for name, summary in command_summaries().items():
+        assert summary in listed[name] and summary.endswith("."), name
+        if name in COMMANDS:
+            assert COMMANDS[name].__doc__.splitlines()[0].replace("``", "") == summary

@@ -45,3 +45,34 @@ def test_paper_configs_use_the_paper_networks(monkeypatch):
     assert 3.5e6 < count_parameters(celeba.model.net) < 4.6e6  # Bonnaire et al.'s DDPM U-Net (4.06M)
     dummy = instantiate(CONFIGS[stems.index("cifar10_cars2k_dummy")], monkeypatch)
     assert dummy.model.hparams.sample_class == 0 and dummy.model.net.backbone.config["num_classes"] == 2
+
+
+def test_cars_runs_score_fid_and_kid_against_the_5k_training_cars(monkeypatch):
+    for stem in ("cifar10_cars2k_baseline", "cifar10_cars2k_dummy", "cifar10_cars2k_gap"):
+        cli = instantiate(CONFIGS[[c.stem for c in CONFIGS].index(stem)], monkeypatch)
+        (fid,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FID"]
+        reference = fid.reference_data
+        assert fid.fid.reference == "train" and reference.num_train == 5000 and reference.classes == ["automobile"]
+        assert fid.metric_prefixes == ("fid/", "kid/")
+
+
+@pytest.mark.parametrize("stem", ["cifar10_cars2k_gap", "celeba_gap100_350"])
+def test_the_wandb_workspace_of_a_paper_config(stem, tmp_path):
+    import json
+
+    from calmwild.cli import run
+
+    config = CONFIGS[[c.stem for c in CONFIGS].index(stem)]
+    spec = run(["wandb-workspace", str(config), "--entity", "someone", "--out", str(tmp_path / "spec.json")])
+    assert json.loads((tmp_path / "spec.json").read_text()) == spec
+    assert spec["entity"] == "someone" and spec["project"] == "calmwild" and spec["displayName"] == f"calmwild {stem}"
+    sections = {s["name"]: s for s in spec["spec"]["section"]["panelBankConfig"]["sections"]}
+    assert {"memorization against iterations", "per-sigma memorization", "sample quality", "samples"} <= set(sections)
+    text = json.dumps(spec)
+    for key in ("traj_mem/rate", "mem/peak_rate", "mem/curve_heatmap", "fid/value", "kid/value",
+                "samples/nearest_pairs", "trainer/global_step"):
+        assert f'"{key}"' in text, key
+    lines = [p for s in sections.values() for p in s["panels"] if p["viewType"] == "Run History Line Plot"]
+    assert all(p["config"]["xAxis"] == "trainer/global_step" for p in lines)
+    if stem.startswith("cifar10"):  # the cars configs also run PerSigmaMSE
+        assert '"mse/curve_heatmap"' in text and "per-sigma MSE" in sections

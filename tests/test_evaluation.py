@@ -11,7 +11,7 @@ import torch
 from calmwild.denoisers import EmpiricalDenoiser, GaussianDenoiser
 from calmwild.checks import sigma_key
 from calmwild.evaluation import EVALUATION_KEYS, PLOT_FILES, evaluate_denoiser
-from calmwild.fid import build_feature_extractor, extract_features
+from calmwild.features import build_feature_extractor, extract_features
 from calmwild.sampling import generate
 from calmwild.settings import FIDSettings, PerSigmaSettings, SamplingSettings
 
@@ -54,6 +54,7 @@ def test_writes_json_with_documented_keys_and_plots(empirical_report):
     expected = {f"mse/{split}/{sigma_key(s)}" for split in ("train", "heldout", "gap") for s in SIGMAS}
     expected |= {f"mem/{sigma_key(s)}" for s in SIGMAS} | {"mem/peak_rate", "mem/peak_sigma"}
     expected |= {"traj_mem/rate", "traj_mem/stderr", "traj_mem/num_samples", "fid/value", "fid/num_samples"}
+    expected |= {"kid/value", "kid/std", "kid/num_samples", "kid/subset_size"}
     assert set(on_disk["metrics"]) == expected
     assert on_disk["per_sigma_mse"]["train"]["num_items"] == 16 * 2
     assert on_disk["trajectory_memorization"]["num_samples"] == 32

@@ -1,38 +1,26 @@
-"""Frechet distance against closed forms and scipy's matrix square root; the reference-statistics cache; the
-InceptionV3 wrapper failing fast and clearly without weights or network."""
+"""Frechet distance against closed forms and scipy's matrix square root; the kernel distance against the unbiased
+MMD written from its definition; the reference-statistics cache."""
 
-import socket
-import threading
-import time
 import warnings
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from torch import nn
+from tiny import random_images as _images
 
-from calmwild import fid
+from calmwild.features import RandomConvFeatures, extract_features, extractor_identity
 from calmwild.fid import (
-    INCEPTION_WEIGHTS_NAME,
-    InceptionFeatures,
-    InceptionWeightsUnavailable,
-    RandomConvFeatures,
     ReferenceStats,
-    build_feature_extractor,
-    compute_fid,
+    compute_quality,
     content_key,
-    extract_features,
-    extractor_identity,
     feature_statistics,
     frechet_distance,
+    kernel_distance,
+    quality_report,
     reference_statistics,
-    to_uint8,
+    sample_quality,
 )
-
-
-def _images(n: int, seed: int, channels: int = 3, size: int = 8) -> torch.Tensor:
-    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 class CountingFeatures(RandomConvFeatures):
@@ -101,56 +89,95 @@ def test_feature_statistics_matches_numpy():
         feature_statistics(x[:1])
 
 
-# ------------------------------------------------------------------------------------------------ extractors and FID
+# ------------------------------------------------------------------------------------------------ FID of images
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift():
     extractor = RandomConvFeatures(3, dim=32, seed=0)
     images = _images(120, 0)
-    same = compute_fid(images, images, extractor, batch_size=50)
+    same = compute_quality(images, images, extractor, batch_size=50)
     assert same["fid"] == pytest.approx(0.0, abs=1e-8)
     assert same["num_samples"] == 120 and same["num_reference"] == 120
     assert same["feature_extractor"] == extractor_identity(extractor)
-    halves = compute_fid(images[:60], images[60:], extractor)["fid"]
-    shifted = compute_fid(images[:60], 0.2 * images[60:] + 0.6, extractor)["fid"]
+    halves = compute_quality(images[:60], images[60:], extractor)["fid"]
+    shifted = compute_quality(images[:60], 0.2 * images[60:] + 0.6, extractor)["fid"]
     assert 0 < halves < shifted / 4
 
 
-def test_random_conv_features_are_deterministic_and_batch_independent():
-    images = _images(20, 1, channels=1, size=12)
-    a = extract_features(images, RandomConvFeatures(1, seed=4), batch_size=7)
-    b = extract_features(images, RandomConvFeatures(1, seed=4), batch_size=20)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # float32 convolutions: batching changes rounding
-    assert a.shape == (20, 64) and a.dtype == torch.float64
-    assert not torch.allclose(a, extract_features(images, RandomConvFeatures(1, seed=5)))
-    with pytest.raises(ValueError, match="RandomConvFeatures expects"):
-        RandomConvFeatures()(images)  # 3 channels by default
-    assert RandomConvFeatures(dim=16, seed=3).feature_id == "random-conv-16-seed3"
-    assert extract_features(_images(3, 2, size=5), RandomConvFeatures(dim=16)).shape == (3, 16)  # any image size
-
-
-def test_compute_fid_with_reference_statistics_equals_raw_reference():
+def test_quality_with_reference_statistics_equals_raw_reference():
     extractor = RandomConvFeatures(3, seed=1)
     samples, reference = _images(40, 2), _images(50, 3)
     stats = reference_statistics(reference, extractor)  # no cache directory: computed, not written
     assert stats.num_samples == stats.num == 50 and stats.key == content_key(reference, extractor)
     assert len(stats.key) == 16 and int(stats.key, 16) >= 0
-    assert compute_fid(samples, stats, extractor) == compute_fid(samples, reference, extractor)
+    assert compute_quality(samples, stats, extractor) == compute_quality(samples, reference, extractor)
     with pytest.raises(ValueError, match="computed with"):
-        compute_fid(samples, stats, RandomConvFeatures(3, seed=2))
+        compute_quality(samples, stats, RandomConvFeatures(3, seed=2))
 
 
-def test_extractor_identity_without_feature_id_hashes_the_weights():
-    a, b = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-    assert extractor_identity(a) != extractor_identity(b)
-    b.load_state_dict(a.state_dict())
-    assert extractor_identity(a) == extractor_identity(b)
-    assert extractor_identity(RandomConvFeatures(3, seed=0)) != extractor_identity(RandomConvFeatures(3, seed=1))
+# ------------------------------------------------------------------------------------------------ kernel distance
 
 
-def test_to_uint8_quantises_the_unit_range():
-    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 5)
-    assert to_uint8(x).flatten().tolist() == [0, 0, 128, 255, 255]
+def _unbiased_mmd_cubic(x: np.ndarray, y: np.ndarray) -> float:
+    """MMD^2_u under k(a, b) = (a.b / d + 1)^3, written from the definition with explicit loops over pairs."""
+    d, m, n = x.shape[1], len(x), len(y)
+    k = lambda a, b: (float(a @ b) / d + 1.0) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_equals_the_unbiased_mmd_written_from_its_definition():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(30, 5)), rng.normal(0.4, 1.2, size=(30, 5))
+    result = kernel_distance(x, y, subsets=1, subset_size=30)
+    assert result["kid"] == pytest.approx(_unbiased_mmd_cubic(x, y), rel=1e-10)
+    assert result["kid_std"] == 0.0 and result["kid_subset_size"] == 30 and result["kid_subsets"] == 1
+    same = kernel_distance(x, rng.normal(size=(30, 5)), subsets=1, subset_size=30)["kid"]
+    assert abs(same) < result["kid"]  # unbiased: near 0 for one distribution, larger for a shifted one
+
+
+def test_kid_over_subsets_averages_subset_estimates_with_a_seed():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(40, 4)), rng.normal(0.5, 1.0, size=(50, 4))
+    result = kernel_distance(x, y, subsets=5, subset_size=12, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    values = []
+    for _ in range(5):
+        a = x[torch.randperm(40, generator=gen)[:12].numpy()]
+        b = y[torch.randperm(50, generator=gen)[:12].numpy()]
+        values.append(_unbiased_mmd_cubic(a, b))
+    assert result["kid"] == pytest.approx(np.mean(values), rel=1e-9)
+    assert result["kid_std"] == pytest.approx(np.std(values), rel=1e-9)
+    assert kernel_distance(x, y, subsets=5, subset_size=12, seed=7) == result
+    from torchmetrics.image.kid import poly_mmd  # a second independent implementation, subset by subset
+
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.as_tensor(x), torch.as_tensor(y)
+    theirs = [float(poly_mmd(a[torch.randperm(40, generator=gen)[:12]], b[torch.randperm(50, generator=gen)[:12]]))
+              for _ in range(5)]
+    assert result["kid"] == pytest.approx(np.mean(theirs), rel=1e-9)
+    assert kernel_distance(x, y, subsets=2, subset_size=1000)["kid_subset_size"] == 40  # capped by the smaller set
+    with pytest.raises(ValueError, match="one dimension"):
+        kernel_distance(x, y[:, :3])
+
+
+def test_quality_reports_fid_and_kid_with_their_counts():
+    extractor = RandomConvFeatures(3, dim=16, seed=0)
+    samples, reference = _images(24, 8), _images(30, 9)
+    quality = compute_quality(samples, reference, extractor)
+    features = extract_features(samples, extractor).numpy()
+    reference_features = extract_features(reference, extractor).numpy()
+    expected = kernel_distance(features, reference_features, subsets=100, subset_size=1000)
+    assert quality["kid"] == pytest.approx(expected["kid"], rel=1e-6) and quality["kid_subset_size"] == 24
+    section, metrics = quality_report(quality, "train", "abc")
+    assert metrics["kid/num_samples"] == metrics["fid/num_samples"] == 24 and metrics["kid/subset_size"] == 24
+    assert section["reference"] == "train" and section["num_reference"] == 30
+    file_stats = ReferenceStats(features.mean(0), np.cov(features.T), None, "file:ref.npz")
+    from_file = sample_quality(features, file_stats, extractor_identity(extractor))
+    assert from_file["kid"] is None and from_file["fid"] == pytest.approx(0.0, abs=1e-8)
+    assert "kid/value" not in quality_report(from_file, "ref.npz", None)[1]
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -201,89 +228,3 @@ def test_cache_file_with_wrong_key_is_not_trusted(tmp_path):
 def test_reference_name_must_be_a_plain_prefix(tmp_path):
     with pytest.raises(ValueError, match="name"):
         reference_statistics(_images(4, 0), RandomConvFeatures(3), tmp_path, "../escape")
-
-
-# ------------------------------------------------------------------------------------------------ Inception offline
-
-
-def _offline(*args, **kwargs):
-    raise OSError("network is unreachable")
-
-
-@pytest.fixture
-def empty_torch_home(tmp_path, monkeypatch):
-    home = tmp_path / "torch_home"
-    home.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(home))
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("torch.hub.download_url_to_file must not be reached without a connection")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    return home / "hub" / "checkpoints" / INCEPTION_WEIGHTS_NAME
-
-
-def test_inception_without_network_fails_fast_naming_the_file(empty_torch_home, monkeypatch):
-    monkeypatch.setattr(socket, "create_connection", _offline)
-    start = time.monotonic()
-    with pytest.raises(InceptionWeightsUnavailable) as info:
-        InceptionFeatures()
-    assert time.monotonic() - start < 3
-    message = str(info.value)
-    assert str(empty_torch_home) in message and "weights_path" in message and "fid_weights_path" in message
-    assert "$TORCH_HOME/hub/checkpoints/" + INCEPTION_WEIGHTS_NAME in message
-
-
-def test_inception_with_hanging_network_fails_within_the_timeout(empty_torch_home, monkeypatch):
-    release = threading.Event()
-
-    def hang(*args, **kwargs):
-        release.wait(60)
-        raise OSError("gave up")
-
-    monkeypatch.setattr(socket, "create_connection", hang)
-    start = time.monotonic()
-    try:
-        with pytest.raises(InceptionWeightsUnavailable, match="within"):
-            InceptionFeatures(download_timeout=0.5)
-        assert time.monotonic() - start < 3
-    finally:
-        release.set()
-
-
-def test_inception_without_download_or_with_a_missing_path(empty_torch_home, tmp_path):
-    with pytest.raises(InceptionWeightsUnavailable, match="download=False"):
-        InceptionFeatures(download=False)
-    missing = tmp_path / "nowhere" / "inception.pth"
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        InceptionFeatures(weights_path=missing)
-    with pytest.raises(FileNotFoundError, match="weights_path"):
-        build_feature_extractor("inception", weights_path=missing)
-
-
-def test_inception_uses_a_file_already_in_torch_home(empty_torch_home, monkeypatch):
-    """A weights file at the default place is used without any network access. The real weights are not
-    available offline, so a placeholder file is loaded with the network left at its random initialisation."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("network touched"))
-    monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state, *a, **k: None)
-    empty_torch_home.parent.mkdir(parents=True)
-    torch.save({}, empty_torch_home)
-    extractor = InceptionFeatures()
-    assert extractor.weights_path == str(empty_torch_home)
-    features = extract_features(_images(2, 7, channels=1, size=16), extractor)
-    assert features.shape == (2, 2048) and torch.isfinite(features).all()
-    assert extractor.feature_id == "inception-v3-2048"
-
-
-def test_build_feature_extractor_by_name(empty_torch_home, monkeypatch):
-    random = fid.build_feature_extractor("random", in_channels=1, dim=16, seed=3)
-    assert isinstance(random, RandomConvFeatures) and random.feature_id == "random-conv-16-seed3"
-    assert random.in_channels == 1
-    assert extract_features(_images(3, 0, channels=1), random).shape == (3, 16)
-    monkeypatch.setattr(socket, "create_connection", _offline)
-    with pytest.raises(InceptionWeightsUnavailable):
-        fid.build_feature_extractor("inception", in_channels=3)
-    with pytest.raises(ValueError, match="'inception', 'random', got 'clip'"):
-        fid.build_feature_extractor("clip", in_channels=3)

@@ -51,11 +51,11 @@ def test_cifar10_download_from_a_silent_address_is_cut_by_the_timeout(tmp_path, 
 
 
 def test_missing_inception_weights_fail_fast_with_the_file_to_provide(tmp_path, monkeypatch):
-    fid = pytest.importorskip("calmwild.fid", reason="calmwild.fid is not importable yet")
+    features = pytest.importorskip("calmwild.features", reason="calmwild.features is not importable yet")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no weights there
     start = time.perf_counter()
     try:
-        fid.build_feature_extractor("inception")
+        features.build_feature_extractor("inception")
     except Exception as error:  # InceptionWeightsUnavailable
         elapsed, message = time.perf_counter() - start, str(error)
     else:

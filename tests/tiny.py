@@ -24,6 +24,11 @@ CALMWILD_SCRIPT = Path(sys.executable).with_name("calmwild")
 CALMWILD = [str(CALMWILD_SCRIPT)] if CALMWILD_SCRIPT.exists() else [sys.executable, "-m", "calmwild.cli"]
 
 
+def random_images(n: int, seed: int, channels: int = 3, size: int = 8) -> torch.Tensor:
+    """``n`` images [n, channels, size, size] uniform in [-1, 1] from a generator seeded with ``seed``."""
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
 def tiny_config(**changes) -> dict:
     """The tiny digits fit config; ``changes`` maps dotted keys (``model.lr``) to values."""
     config = {
@@ -280,3 +285,19 @@ def steps_logged(run_dir: Path) -> list[int]:
 def sampler(class_path: str, **init_args) -> dict:
     """A sigma sampler's config entry: ``calmwild.sigma.<class_path>`` with ``init_args``."""
     return {"class_path": f"calmwild.sigma.{class_path}", "init_args": init_args}
+
+
+class ConvBackbone(torch.nn.Module):
+    """A backbone that is not calmwild's U-Net (class path ``tiny.ConvBackbone``): two convolutions with the noise
+    level as a per-channel bias, following the backbone config protocol (``config`` = its constructor arguments)."""
+
+    def __init__(self, img_resolution: int = 8, in_channels: int = 1, channels: int = 8):
+        super().__init__()
+        self.config = {"img_resolution": img_resolution, "in_channels": in_channels, "channels": channels}
+        self.inp = torch.nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.noise = torch.nn.Linear(1, channels)
+        self.out = torch.nn.Conv2d(channels, in_channels, 3, padding=1)
+
+    def forward(self, x, c_noise, class_labels=None):
+        h = self.inp(x) + self.noise(c_noise.reshape(-1, 1).to(x.dtype))[:, :, None, None]
+        return self.out(torch.nn.functional.silu(h))

@@ -1,25 +1,24 @@
-"""LightningDataModules holding small image sets in memory (one of calmwild's three Lightning-facing modules).
+"""LightningDataModules holding small image sets in memory (one of calmwild's Lightning-facing modules).
 
 Every datamodule derives from :class:`InMemoryImageDataModule` and exposes, after ``setup()``, ``train_images`` and
 ``heldout_images`` (float32 CPU [N, C, H, W] in [-1, 1]), ``train_labels`` (long [N] or None), ``image_shape`` and
-``describe()``.
+``describe()``. The datamodules are imported on first use, so the plain helpers beside them
+(:mod:`calmwild.data.files`, :mod:`calmwild.data.convert`) can be used without importing Lightning.
 """
 
-from calmwild.data.base import EpochSeededSampler, InMemoryImageDataModule
-from calmwild.data.celeba import CelebADataModule
-from calmwild.data.cifar10 import CIFAR10DataModule
-from calmwild.data.convert import content_hash
-from calmwild.data.dummy import DummyClassDataModule
-from calmwild.data.embedded import DigitsDataModule
-from calmwild.data.folder import ImageFolderDataModule
+import importlib
+from typing import Any
 
-__all__ = [
-    "CIFAR10DataModule",
-    "CelebADataModule",
-    "DigitsDataModule",
-    "DummyClassDataModule",
-    "EpochSeededSampler",
-    "ImageFolderDataModule",
-    "InMemoryImageDataModule",
-    "content_hash",
-]
+# public name -> the module that defines it
+_WHERE = {
+    "CIFAR10DataModule": "cifar10", "CelebADataModule": "celeba", "DigitsDataModule": "embedded",
+    "DummyClassDataModule": "dummy", "EpochSeededSampler": "base", "ImageFolderDataModule": "folder",
+    "InMemoryImageDataModule": "base", "content_hash": "convert",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"calmwild.data.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'calmwild.data' has no attribute {name!r}")

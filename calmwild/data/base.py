@@ -274,6 +274,16 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
             persistent_workers=self.num_workers > 0,
         )
 
+    def val_dataloader(self) -> DataLoader:
+        """The held-out images in order, in batches of ``batch_size`` (``calmwild validate``: the module's held-out
+        loss; fits run no validation loop unless ``trainer.limit_val_batches`` is set)."""
+        return DataLoader(TensorDataset(self.heldout_images), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out images in order (``calmwild test``), as :meth:`val_dataloader`."""
+        return self.val_dataloader()
+
     def _distribution(self) -> tuple[int, int]:
         """(number of ranks, this rank) of the attached trainer; (1, 0) for a datamodule used on its own."""
         trainer = getattr(self, "trainer", None)
@@ -282,14 +292,18 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
         return int(trainer.world_size), int(trainer.global_rank)
 
     # ----- provenance ---------------------------------------------------------------------------------------------
+    def configuration(self) -> dict:
+        """The class name and constructor settings (JSON-able; available before :meth:`setup`)."""
+        return {"name": type(self).__name__,
+                "settings": _jsonable({k: v for k, v in self.hparams.items() if not k.startswith("_")})}
+
     def describe(self) -> dict:
         """JSON-able record of the data: class, source, constructor settings, sizes, shapes and content hashes
         (:func:`~calmwild.data.convert.content_hash` of the uint8-quantised images)."""
         self._require_setup()
         return {
-            "name": type(self).__name__,
+            **self.configuration(),
             "source": self.origin(),
-            "settings": _jsonable({k: v for k, v in self.hparams.items() if not k.startswith("_")}),
             "image_shape": list(self.image_shape),
             "train_size": len(self.train_images),
             "heldout_size": len(self.heldout_images),
