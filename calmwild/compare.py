@@ -23,6 +23,7 @@ from calmwild.stats import wilson_interval
 RATE_KEY = "traj_mem/rate"
 QUALITY_KEYS = ("fid/value", "kid/value")
 COMPARED = ("traj_mem/rate", "mem/peak_rate", "fid/value", "kid/value")
+SUMMARISED = (*COMPARED, "mem/peak_sigma")  # read from the histories: the compared metrics and where the peak is
 
 
 @dataclass
@@ -98,13 +99,38 @@ def read_run(run_dir: str | Path) -> RunResults:
         for entry in json.loads(path.read_text()).get("history", []):
             step = int(entry["step"])
             for key, value in entry.items():
-                if key in COMPARED and isinstance(value, (int, float)) and math.isfinite(value):
+                if key in SUMMARISED and isinstance(value, (int, float)) and math.isfinite(value):
                     result.series.setdefault(key, []).append((step, float(value)))
                 elif key.endswith("/num_samples") and isinstance(value, (int, float)):
                     result.samples[key.split("/")[0]] = int(value)
     for values in result.series.values():
         values.sort()
     return result
+
+
+def summary_lines(run: RunResults) -> list[str]:
+    """The run's final evaluation in a few lines: trajectory memorization with its 95% Wilson interval and sample
+    count, the per-sigma memorization peak and where it is, FID and KID with their sample counts."""
+    lines = []
+    if run.final(RATE_KEY):
+        step, rate = run.final(RATE_KEY)
+        count = run.samples.get("traj_mem")
+        interval = ""
+        if count:
+            bounds = wilson_interval(round(rate * count), count)
+            interval = f" [95% {100 * bounds.low:.1f}, {100 * bounds.high:.1f}] of {count} samples"
+        lines.append(f"trajectory memorization {100 * rate:.1f}%{interval} at step {step}")
+    if run.final("mem/peak_rate"):
+        step, peak = run.final("mem/peak_rate")
+        where = run.final("mem/peak_sigma")
+        at = f" at sigma {where[1]:.3g}" if where and where[0] == step and peak > 0 else " (nothing memorized)"
+        lines.append(f"per-sigma memorization peak {100 * peak:.1f}%{at}")
+    for key, name in (("fid/value", "FID"), ("kid/value", "KID")):
+        if run.final(key):
+            step, value = run.final(key)
+            count = run.samples.get(key.split("/")[0])
+            lines.append(f"{name} {value:.4g}" + (f" of {count} samples" if count else "") + f" at step {step}")
+    return lines
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

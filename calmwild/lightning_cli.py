@@ -32,7 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger
 
 from calmwild.checkpoint_io import AtomicCheckpointIO
-from calmwild.compare import run_labels
+from calmwild.compare import read_run, run_labels, summary_lines
 from calmwild.checkpoints import backbone_class, backbone_config, check_metadata, is_safetensors, read_checkpoint
 from calmwild import data as calmwild_data
 from calmwild.data import InMemoryImageDataModule
@@ -97,13 +97,29 @@ def _is_ddp_child() -> bool:
     return bool(os.environ.get(RUN_DIR_ENV)) and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
+
+
+def metric_column_key(name: str) -> tuple:
+    """Sort key of a metric name with its numbers compared as numbers: ``mem/sigma_3.26`` before ``mem/sigma_12.9``."""
+    return tuple((1, float(part)) if index % 2 else (0, part) for index, part in enumerate(_NUMBER.split(name)))
+
+
+class _NumericOrder(list):
+    """The CSV writer's column list: it sorts itself in place after every new key, here by :func:`metric_column_key`."""
+
+    def sort(self, *, key: Any = None, reverse: bool = False) -> None:
+        super().sort(key=metric_column_key, reverse=reverse)
+
+
 class ResumableCSVLogger(CSVLogger):
     """A CSVLogger that keeps a resumed run's history instead of deleting it.
 
-    Lightning's CSV writer deletes an existing ``metrics.csv``. Here the rows that belong to the history of a run
-    resumed at ``resume_step`` (:func:`calmwild.runs.metric_rows_before`: earlier steps, and the evaluation rows of
-    that step) are written back; rows from after the checkpoint, which the resumed run logs again, are dropped, so
-    the history holds every step exactly once.
+    Columns are in :func:`metric_column_key` order (numbers inside names compared as numbers, so the sigma columns
+    run from small to large). Lightning's CSV writer deletes an existing ``metrics.csv``. Here the rows that belong
+    to the history of a run resumed at ``resume_step`` (:func:`calmwild.runs.metric_rows_before`: earlier steps, and
+    the evaluation rows of that step) are written back; rows from after the checkpoint, which the resumed run logs
+    again, are dropped, so the history holds every step exactly once.
 
     Args:
         resume_step: global step of the checkpoint being resumed (set by ``calmwild fit --ckpt_path``).
@@ -116,8 +132,12 @@ class ResumableCSVLogger(CSVLogger):
     @property
     @rank_zero_experiment  # other DDP ranks get a no-op experiment and never touch metrics.csv
     def experiment(self):
-        if self._experiment is not None or self.resume_step is None:
-            return super().experiment
+        if self._experiment is not None:
+            return self._experiment
+        if self.resume_step is None:
+            experiment = super().experiment
+            experiment.metrics_keys = _NumericOrder(experiment.metrics_keys)
+            return experiment
         header, kept = metric_rows_before(Path(self.log_dir) / METRICS_FILE, self.resume_step)
         with warnings.catch_warnings():  # its "previous log files will be deleted" is untrue here: rows are kept
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
@@ -125,6 +145,7 @@ class ResumableCSVLogger(CSVLogger):
         if kept:
             write_metric_rows(Path(self.log_dir) / METRICS_FILE, header, kept)
             experiment.metrics_keys = header
+        experiment.metrics_keys = _NumericOrder(experiment.metrics_keys)
         return experiment
 
 
@@ -526,6 +547,10 @@ class CalmwildCLI(LightningCLI):
         config_file = run_dir / self.save_config_kwargs.get("config_filename", "config.yaml")
         if config_file.exists():
             lines.append(f"  config: {config_file}")
+        try:
+            lines += [f"  {line}" for line in summary_lines(read_run(run_dir))]
+        except ValueError:  # no evaluation callbacks configured
+            pass
         print("\n".join(lines), flush=True)
 
 

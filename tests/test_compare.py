@@ -90,3 +90,16 @@ def test_run_labels_name_the_experiment_family():
     assert labels.group == "cifar10-automobile-N2000"
     assert labels.tags == ["cifar10", "N=2000", "DangerZoneGap", "band=danger-zone"]
     assert run_labels({}).tags == ["data", "N=all", "LogNormal", "band=none"]
+
+
+def test_the_closing_summary_states_rate_interval_counts_and_peak(tmp_path):
+    from calmwild.compare import read_run, summary_lines
+
+    run_dir = _write_run(tmp_path, "baseline", *RUNS["baseline"])
+    peak = [{"step": 200, "phase": "train_end", "mem/peak_rate": 0.25, "mem/peak_sigma": 0.8}]
+    (run_dir / "eval" / "per_sigma_memorization").mkdir()
+    (run_dir / "eval" / "per_sigma_memorization" / "history.json").write_text(json.dumps({"history": peak}))
+    lines = summary_lines(read_run(run_dir))
+    assert lines[0] == "trajectory memorization 80.0% [95% 67.0, 88.8] of 50 samples at step 200"
+    assert lines[1] == "per-sigma memorization peak 25.0% at sigma 0.8"
+    assert lines[2] == "FID 12 of 50 samples at step 200"

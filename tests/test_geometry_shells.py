@@ -142,7 +142,52 @@ def test_monte_carlo_coverage_lies_between_theorem_4_8_bounds(d):
     middle = (cov.coverage > 0.1) & (cov.coverage < 0.9)
     assert middle.any() and torch.all(bounds.lower[middle] > 0.05)
     assert torch.any(bounds.upper_uncapped[cov.coverage < 0.1] < 1.0)
-    assert bounds.num_queries == 100 and bounds.num_pairs == 4000
+    assert bounds.num_queries == 100 and bounds.upper_exact and bounds.num_pairs == 0
+
+
+def _planted_close_pairs(n: int, m: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training points far apart, and held-out points of which a quarter are near-copies of training points."""
+    gen = torch.Generator().manual_seed(seed)
+    train = 3.0 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    heldout = 3.0 * torch.randn(m, d, generator=gen, dtype=torch.float64)
+    copies = m // 4
+    heldout[:copies] = train[:copies] + 0.02 * torch.randn(copies, d, generator=gen, dtype=torch.float64)
+    return train, heldout
+
+
+def _all_pairs_upper(train, heldout, sigmas, d):
+    """N E_{x, x'} f(||x - x'||) over every (held-out, training) pair, from a plain double loop of cdist rows."""
+    total = torch.zeros(len(sigmas), dtype=torch.float64)
+    for x in heldout:
+        r = torch.cdist(x[None], train)[0]
+        total += two_shell_probability(r[None], torch.as_tensor(sigmas, dtype=torch.float64)[:, None], d).sum(dim=1)
+    return total / len(heldout)
+
+
+def test_theorem_4_8_upper_bound_is_the_all_pairs_sum_and_never_below_the_lower_bound():
+    d, sigmas = 16, torch.logspace(-1.5, 0.5, 8)
+    train, heldout = _planted_close_pairs(64, 40, d, seed=3)
+    exact = coverage_bounds(train, heldout, sigmas)
+    assert exact.upper_exact and exact.exact_neighbors == 64
+    # rtol: the library sums f at calmwild.neighbors.knn's distances (float32 products, relative error ~1e-8)
+    torch.testing.assert_close(exact.upper_uncapped, _all_pairs_upper(train, heldout, sigmas, d), rtol=1e-6, atol=0)
+    assert torch.all(exact.upper >= exact.lower)
+    # the sampled path keeps every query's nearest points exact: it cannot miss the planted pairs, stays above the
+    # lower bound, and agrees with the exact sum within its standard error
+    sampled = coverage_bounds(train, heldout, sigmas, num_pairs=4000, exact_budget=0)
+    assert not sampled.upper_exact and sampled.exact_neighbors == 32 and sampled.num_pairs == 4000
+    assert torch.all(sampled.upper_uncapped >= sampled.lower)
+    assert torch.all((sampled.upper_uncapped - exact.upper_uncapped).abs() <= 4 * sampled.upper_se + 1e-12)
+    # even with very few random pairs (random pairs alone would then usually miss every planted pair)
+    few = coverage_bounds(train, heldout, sigmas, num_pairs=20, exact_budget=0)
+    assert torch.all(few.upper_uncapped >= few.lower) and torch.all(few.lower == exact.lower)
+
+
+def test_two_shell_probability_mc_takes_python_scalars():
+    f, se = two_shell_probability_mc(1.0, 0.5, 8, num_samples=20_000)
+    assert f.shape == () and float(se) > 0
+    assert float(f) == pytest.approx(float(two_shell_probability(torch.tensor(1.0), torch.tensor(0.5), 8)),
+                                     abs=5 * float(se))
 
 
 def test_shell_membership_is_exact_under_float32_cancellation():

@@ -214,3 +214,11 @@ def test_an_imported_edm_network_is_validated_like_any_checkpoint(tmp_path):
     samples = generate(load_denoiser(tmp_path / "edm.ckpt"), 8, (1, 8, 8), seed=0, batch_size=8, num_steps=4)
     quality = compute_quality(samples, cli.datamodule.train_images, build_feature_extractor("random", in_channels=1))
     assert _eval_record(out, "fid")["fid"]["fid"] == pytest.approx(quality["fid"], rel=1e-6)
+
+
+def test_metric_columns_sort_numbers_as_numbers():
+    from calmwild.lightning_cli import metric_column_key
+
+    names = ["mem/sigma_12.9", "mem/sigma_3.26", "mem/peak_rate", "mem/sigma_0.002", "mem/sigma_80", "epoch"]
+    assert sorted(names, key=metric_column_key) == ["epoch", "mem/peak_rate", "mem/sigma_0.002", "mem/sigma_3.26",
+                                                    "mem/sigma_12.9", "mem/sigma_80"]

@@ -113,7 +113,8 @@ def analyze_geometry(
 
     - max / self posterior weight (Def. 4.1, Fig. 7): ``num_points`` training base points x ``num_noises`` noises;
     - coverage C_sigma (Def. 4.6): ``num_queries`` held-out points x ``num_coverage_noises`` noises;
-    - Theorem 4.8 bounds: lower over all held-out points, upper over ``num_pairs`` held-out/training pairs;
+    - Theorem 4.8 bounds: lower over all held-out points; upper exact over all held-out/training pairs when
+      affordable, else exact over each query's nearest training points plus ``num_pairs`` random pairs for the rest;
     - Theorem 4.2 thresholds (eps, delta) for ``num_threshold_points`` random training points (the paper used 20);
     - the danger zone at (``weight_level``, ``coverage_level``), in sigma and in DDPM timesteps (T, beta_*).
 
@@ -159,6 +160,8 @@ def analyze_geometry(
         "num_coverage_noises": coverage.num_noises,
         "num_bound_queries": bounds.num_queries,
         "num_pairs": bounds.num_pairs,
+        "upper_bound_exact": bounds.upper_exact,
+        "upper_bound_exact_neighbors": bounds.exact_neighbors,
         "num_threshold_points": int(picks.numel()),
         "sigma_grid": f"edm_sigma_steps({s.num_levels})" if sigmas is None else "given",
         "device": str(target),

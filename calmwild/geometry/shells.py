@@ -228,7 +228,7 @@ def two_shell_probability_mc(
     d = check_count(d, "d")
     num_samples = check_count(num_samples, "num_samples")
     r_minus, r_plus = shell_radii(d, t)
-    ratio = torch.from_numpy(np.sqrt(_ratio_squared(r, sigma)))
+    ratio = torch.as_tensor(np.asarray(np.sqrt(_ratio_squared(r, sigma))))  # 0-d for Python scalars
     gen = seeded_generator(torch.device("cpu"), seed)
     first, sq_norm = [], []
     rows = max(1, PAIR_BUDGET // d)
@@ -252,7 +252,9 @@ def two_shell_probability_mc(
 class CoverageBounds:
     """Result of :func:`coverage_bounds`; tensors are float64 [S] in the order of ``sigmas``.
 
-    ``upper`` is min(1, N E[f]) and ``upper_se`` the standard error of the uncapped N E[f] (``upper_uncapped``).
+    ``upper`` is min(1, N E[f]) and ``upper_se`` the standard error of the uncapped N E[f] (``upper_uncapped``; 0
+    when it was computed exactly). ``exact_neighbors`` training points per query entered the upper bound exactly
+    (all N when ``upper_exact``); ``num_pairs`` random pairs estimated the rest.
     """
 
     sigmas: torch.Tensor
@@ -263,6 +265,8 @@ class CoverageBounds:
     upper_uncapped: torch.Tensor
     num_queries: int
     num_pairs: int
+    exact_neighbors: int = 0
+    upper_exact: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -271,8 +275,14 @@ class CoverageBounds:
                 "mean": self.upper.tolist(),
                 "se": self.upper_se.tolist(),
                 "uncapped": self.upper_uncapped.tolist(),
+                "exact": self.upper_exact,
+                "exact_neighbors": self.exact_neighbors,
             },
         }
+
+
+EXACT_UPPER_BUDGET = 2_000_000  # f evaluations, queries x N x sigmas, of an exact upper bound (~2 us each on a CPU)
+UPPER_NEAREST = 32  # otherwise: each query's nearest training points enter exactly, the rest by sampling
 
 
 def coverage_bounds(
@@ -283,16 +293,21 @@ def coverage_bounds(
     num_pairs: int = 10_000,
     num_queries: int | None = None,
     seed: int = 0,
+    exact_budget: int = EXACT_UPPER_BUDGET,
 ) -> CoverageBounds:
     """Theorem 4.8's bounds on the coverage, with f_sigma from :func:`two_shell_probability` (closed form):
 
         lower = E_x[ f_sigma(d_NN(x, Y)) ]  <=  C_sigma(Y)  <=  min(1, N E_{x, x'}[ f_sigma(||x - x'||) ]) = upper.
 
-    The lower bound averages over held-out points x (``num_queries`` drawn without replacement, default all) with
-    their exact nearest-neighbour distance into the training set (:func:`calmwild.neighbors.knn`). The upper bound
-    averages over ``num_pairs`` independent pairs (x held-out, x' training), drawn with replacement -- x' stands for
-    an independent draw from the data distribution, as in App. E.2. Standard errors: std / sqrt(count) of the
-    summands (times N for the upper bound).
+    Both average over the same held-out queries x (``num_queries`` drawn without replacement, default all); the
+    training points stand in for the independent draw x' (App. E.2), so N E_{x'}[f(||x - x'||)] = sum_j f(||x - y_j||).
+
+    The upper bound is that sum, computed exactly when queries x N x sigmas is at most ``exact_budget``. Otherwise the
+    ``UPPER_NEAREST`` nearest training points of each query enter exactly and the rest is estimated without bias from
+    ``num_pairs`` random (query, training point) pairs, N f(||x - y_j||) 1[y_j not among x's nearest]: the close pairs
+    that dominate the sum at small sigma are never missed (random pairs alone miss them and can fall below the lower
+    bound). Either way the sum contains the nearest-neighbour term f(d_NN(x)) itself, so upper >= lower always.
+    Standard errors: std / sqrt(count) of the summands (the upper's over the random pairs only; 0 when exact).
     """
     y = as_points(train, "train", min_count=1)
     h = as_points(heldout, "heldout", min_count=1)
@@ -305,13 +320,21 @@ def coverage_bounds(
     gen = seeded_generator(torch.device("cpu"), seed)
     count = m if num_queries is None else min(check_count(num_queries, "num_queries"), m)
     query_index = torch.randperm(m, generator=gen)[:count].to(y.device)
-    nn_dist = knn(h[query_index], y, k=1)[0][:, 0].to(device="cpu", dtype=torch.float64)
-    i = torch.randint(m, (num_pairs,), generator=gen).to(y.device)
-    j = torch.randint(n, (num_pairs,), generator=gen).to(y.device)
-    pair_dist = pair_distances(h[i], y[j])
-    f_nn = two_shell_probability(nn_dist.unsqueeze(0), sig.unsqueeze(1), dim, t)
-    f_pair = two_shell_probability(pair_dist.unsqueeze(0), sig.unsqueeze(1), dim, t)
-    lower, lower_se = cluster_mean_se(f_nn)
-    upper_mean, upper_se = cluster_mean_se(f_pair)
-    uncapped = n * upper_mean
-    return CoverageBounds(sig, lower, lower_se, uncapped.clamp(max=1.0), n * upper_se, uncapped, count, num_pairs)
+    exact = count * n * len(sig) <= exact_budget
+    k = n if exact else min(n, UPPER_NEAREST)
+    near_dist, near_index = knn(h[query_index], y, k=k)
+    near_dist = near_dist.to(device="cpu", dtype=torch.float64)
+    f_near = two_shell_probability(near_dist.unsqueeze(0), sig.view(-1, 1, 1), dim, t)  # [S, Q, k]
+    lower, lower_se = cluster_mean_se(f_near[:, :, 0])
+    upper_mean = f_near.sum(dim=2).mean(dim=1)
+    upper_se = torch.zeros_like(upper_mean)
+    if not exact:
+        i = torch.randint(count, (num_pairs,), generator=gen)
+        j = torch.randint(n, (num_pairs,), generator=gen)
+        far = ~(near_index.cpu()[i] == j.unsqueeze(1)).any(dim=1)  # pairs outside the exact part
+        pair_dist = pair_distances(h[query_index[i.to(y.device)]], y[j.to(y.device)])
+        f_pair = two_shell_probability(pair_dist.unsqueeze(0), sig.unsqueeze(1), dim, t) * far.to(torch.float64)
+        rest, rest_se = cluster_mean_se(f_pair)
+        upper_mean, upper_se = upper_mean + n * rest, n * rest_se
+    return CoverageBounds(sig, lower, lower_se, upper_mean.clamp(max=1.0), upper_se, upper_mean, count,
+                          0 if exact else num_pairs, k, exact)
