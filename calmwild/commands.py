@@ -23,7 +23,6 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
-from calmwild.data import InMemoryImageDataModule
 from calmwild.denoisers import (
     SWAP_PRESETS,
     Denoiser,
@@ -42,8 +41,12 @@ from calmwild.sampling import generate
 
 CLOSED_FORM_DENOISERS = ("empirical", "gaussian")
 
+# A calmwild.data.InMemoryImageDataModule. Not imported here: the datamodules load Lightning (seconds), which only
+# the commands that read data need, and jsonargparse would import a TYPE_CHECKING block to resolve annotations.
+DataModule = Any
 
-def load_datamodule(spec: str) -> InMemoryImageDataModule:
+
+def load_datamodule(spec: str) -> DataModule:
     """Builds and sets up the datamodule named by ``spec`` (see the module docstring)."""
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
@@ -57,6 +60,8 @@ def load_datamodule(spec: str) -> InMemoryImageDataModule:
             raise ValueError(f"--data {spec}: expected a fit config with a data section, or class_path/init_args")
     else:
         section = {"class_path": spec}
+    from calmwild.data import InMemoryImageDataModule
+
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(InMemoryImageDataModule, "data", required=True)
     cfg = parser.parse_object({"data": section})
@@ -65,7 +70,7 @@ def load_datamodule(spec: str) -> InMemoryImageDataModule:
     return datamodule
 
 
-def resolve_denoiser(spec: str, datamodule: InMemoryImageDataModule | None, device: str,
+def resolve_denoiser(spec: str, datamodule: DataModule | None, device: str,
                      precision: str = "fp32") -> Denoiser:
     """A checkpoint path (its network run in ``precision``), or ``empirical`` / ``gaussian`` built from the
     datamodule's training set."""
@@ -80,7 +85,7 @@ def resolve_denoiser(spec: str, datamodule: InMemoryImageDataModule | None, devi
     return load_denoiser(spec, device=device, precision=precision)
 
 
-def _image_shape(denoiser: Denoiser, datamodule: InMemoryImageDataModule | None) -> tuple[int, int, int]:
+def _image_shape(denoiser: Denoiser, datamodule: DataModule | None) -> tuple[int, int, int]:
     shape = getattr(denoiser, "image_shape", None)
     if shape is None and datamodule is not None:
         shape = datamodule.image_shape
@@ -94,7 +99,7 @@ def _image_shape(denoiser: Denoiser, datamodule: InMemoryImageDataModule | None)
     return tuple(int(s) for s in shape)
 
 
-def _sample_and_report(denoiser: Denoiser, shape: tuple[int, int, int], datamodule: InMemoryImageDataModule | None,
+def _sample_and_report(denoiser: Denoiser, shape: tuple[int, int, int], datamodule: DataModule | None,
                        out: Path, settings: dict, num: int, sampling: SamplingSettings, device: str,
                        threshold: float) -> dict:
     """Generates, writes samples (tensor + grid) and, with data, the trajectory memorization (ratio test)."""

@@ -15,11 +15,12 @@ import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
-from matplotlib.figure import Figure
-from torchvision.utils import make_grid, save_image
+
+if TYPE_CHECKING:  # matplotlib and torchvision load in seconds: only the functions that draw import them
+    from matplotlib.figure import Figure
 
 
 # ------------------------------------------------------------------------------------------------ directories and files
@@ -159,6 +160,8 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) 
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty batch [N, C, H, W], got shape {tuple(images.shape)}")
     nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
+    from torchvision.utils import make_grid
+
     return make_grid(to_unit_range(images), nrow=nrow, padding=padding, pad_value=1.0)
 
 
@@ -186,9 +189,13 @@ def pair_grid(
     pairs = torch.cat([to_unit_range(samples), to_unit_range(nearest)], dim=3)
     framed = _framed(pairs, colors, width)
     nrow = pairs_per_row or max(1, math.ceil(math.sqrt(samples.shape[0])))
+    from torchvision.utils import make_grid
+
     return make_grid(framed, nrow=nrow, padding=2, pad_value=1.0)
 
 
 def save_png(grid: torch.Tensor, path: str | Path) -> Path:
     """Writes a [3, H, W] grid in [0, 1] as PNG, atomically."""
+    from torchvision.utils import save_image
+
     return atomic_write(path, lambda handle: save_image(grid, handle, format="png"))

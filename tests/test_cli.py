@@ -128,3 +128,14 @@ def test_top_level_help_lists_every_command_with_one_line():
         assert summary in listed[name] and summary.endswith("."), name
         if name in COMMANDS:
             assert COMMANDS[name].__doc__.splitlines()[0].replace("``", "") == summary
+
+
+def test_analysis_command_help_and_argument_errors_load_no_heavy_framework():
+    """`calmwild sample --help` and a bad argument stay as fast as importing torch: Lightning, W&B, torchvision and
+    matplotlib are imported only by the code that needs them."""
+    probe = ("import sys\nfrom calmwild.cli import run\nfor args in (['sample', '--help'], ['sample', '--num', 'x']):\n"
+             "    try:\n        run(args)\n    except SystemExit:\n        pass\n"
+             "print(sorted(m for m in ('lightning', 'wandb', 'torchvision', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -8,9 +8,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # matplotlib loads in a second: the plotting functions import it
+    from matplotlib.figure import Figure
 
 from calmwild.checks import check_threshold, sigma_key
 from calmwild.io import pair_grid
@@ -75,6 +79,8 @@ def plot_sigma_curves(
     """
     sig = np.asarray(sigmas, dtype=float)
     order = np.argsort(sig)
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
     ax.set_xscale("log")
@@ -129,6 +135,8 @@ def plot_ratio_histogram(tests: RatioTestResult, threshold: float, title: str) -
     marked and the memorized fraction in the legend."""
     ratios = tests.ratio.detach().cpu().double().numpy()
     rate = float(tests.memorized.double().mean()) if ratios.size else float("nan")
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
     ax.hist(ratios, bins=np.linspace(0.0, 1.0, 41), color="C0", alpha=0.8)
