@@ -9,7 +9,7 @@ and on a CPU (tiny sizes, about 1.5 minutes on 2 idle cores):
     python scripts/bench.py --quick --out bench_quick.json
 
 Options: ``--device`` (default cuda if available, else cpu),
-``--only training,sampling,knn,empirical,geometry,precision``,
+``--only training,sampling,knn,empirical,geometry,precision,kid``,
 ``--threads N``, ``--variants`` (training), ``--memory-fraction``, and size overrides (``--batch-size``,
 ``--timed-steps``, ``--num-references``, ... see ``--help``). Progress goes to stderr; stdout gets ONE JSON object
 (also written to ``--out``) with the device name, torch / Lightning / CUDA versions, precision settings, sizes and:
@@ -26,6 +26,8 @@ Options: ``--device`` (default cuda if available, else cpu),
 6. precision: what bf16 costs in per-sigma MSE (eq. 5): two models trained on the embedded digits in fp32 and
    bf16-mixed, each evaluated in fp32 and under bf16 autocast on the same held-out images and noises; the relative
    MSE change per sigma (paired) beside the reference's standard error, and the bf16 / fp32 speed ratios.
+7. kid: ``calmwild.fid.kernel_distance`` (kernels once, subsets by indicator products) vs torchmetrics' per-subset
+   ``poly_mmd`` (the computation of its KernelInceptionDistance) on the same features and subsets.
 
 Timing: CUDA-synchronised wall clock, warm-up excluded, median of the repeats, calmwild and naive interleaved.
 

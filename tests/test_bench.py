@@ -16,7 +16,8 @@ TINY = ["--quick", "--device", "cpu", "--threads", "1", "--batch-size", "8", "--
         "--timed-steps", "2", "--train-repeats", "1", "--repeats", "1", "--num-samples", "4",
         "--sample-batch-size", "4", "--sampling-steps", "3", "--knn-queries", "40", "--num-references", "300",
         "--num-queries", "40", "--num-sigmas", "4", "--base-points", "5", "--noises", "4", "--precision-steps", "2",
-        "--precision-heldout", "8", "--precision-noises", "1"]
+        "--precision-heldout", "8", "--precision-noises", "1", "--kid-samples", "40", "--kid-reference", "50",
+        "--kid-dim", "8", "--kid-subsets", "5", "--kid-subset-size", "30"]
 
 
 def run_script(monkeypatch, capsys, args: list[str]) -> tuple[dict, str]:
@@ -46,7 +47,10 @@ def test_quick_mode_runs_every_benchmark_and_writes_one_json_object(tmp_path, mo
     assert record["config"] == "quick" and record["device"] == "cpu" and record["torch"]
     assert record["reference"]["edm_h100"]["training_img_per_s_batch128"]["fp32"] == 334.0
     results = record["results"]
-    assert set(results) == {"training", "sampling", "knn", "empirical", "geometry", "precision"}
+    assert set(results) == {"training", "sampling", "knn", "empirical", "geometry", "precision", "kid"}
+    kid = results["kid"]
+    assert kid["sizes"]["subset_size"] == 30 and kid["kid"]["relative_difference"] < 1e-9
+    assert positive(kid["speed_ratio_vs_torchmetrics"])
 
     fp32 = results["training"]["variants"]["fp32"]
     assert positive(fp32["calmwild_lightning_fit"]["img_per_s"]) and positive(fp32["plain_pytorch_loop"]["img_per_s"])

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from . import empirical, geometry, neighbors, precision, reference, sampling, training
+from . import empirical, geometry, kid, neighbors, precision, reference, sampling, training
 from .common import environment, precision_state, say
 
-BENCHMARKS = ("training", "sampling", "knn", "empirical", "geometry", "precision")
+BENCHMARKS = ("training", "sampling", "knn", "empirical", "geometry", "precision", "kid")
 
 CIFAR_UNET = {"img_resolution": 32, "in_channels": 3, "model_channels": 128, "channel_mult": [2, 2, 2],
               "num_blocks": 4, "attn_resolutions": [16], "dropout": 0.13}
@@ -49,6 +49,11 @@ class Sizes:
     precision_steps: int
     precision_heldout: int
     precision_noises: int
+    kid_samples: int
+    kid_reference: int
+    kid_dim: int
+    kid_subsets: int
+    kid_subset_size: int
 
 
 PRESETS = {
@@ -56,12 +61,14 @@ PRESETS = {
                    num_samples=512, sample_batch_size=512, sampling_steps=18, knn_queries=10_000,
                    num_references=50_000, data_shape=(3, 32, 32), num_queries=1000,
                    empirical_sigmas=(0.02, 0.2, 1.0, 5.0, 40.0), num_sigmas=40, base_points=100, noises=10,
-                   repeats=3, precision_steps=1500, precision_heldout=1000, precision_noises=4),
+                   repeats=3, precision_steps=1500, precision_heldout=1000, precision_noises=4,
+                   kid_samples=10_000, kid_reference=10_000, kid_dim=2048, kid_subsets=100, kid_subset_size=1000),
     "quick": Sizes(unet=QUICK_UNET, batch_size=32, warmup_steps=3, timed_steps=15, train_repeats=3,
                    num_samples=32, sample_batch_size=32, sampling_steps=18, knn_queries=500,
                    num_references=5000, data_shape=(1, 16, 16), num_queries=500,
                    empirical_sigmas=(0.02, 0.2, 1.0, 5.0, 40.0), num_sigmas=40, base_points=20, noises=10,
-                   repeats=3, precision_steps=300, precision_heldout=256, precision_noises=2),
+                   repeats=3, precision_steps=300, precision_heldout=256, precision_noises=2,
+                   kid_samples=1024, kid_reference=1024, kid_dim=64, kid_subsets=100, kid_subset_size=1000),
 }
 
 # command-line flag -> Sizes field, for the size overrides
@@ -71,7 +78,8 @@ _OVERRIDES = {
     "sampling_steps": "sampling_steps", "knn_queries": "knn_queries", "num_references": "num_references",
     "num_queries": "num_queries", "num_sigmas": "num_sigmas", "base_points": "base_points", "noises": "noises",
     "repeats": "repeats", "precision_steps": "precision_steps", "precision_heldout": "precision_heldout",
-    "precision_noises": "precision_noises",
+    "precision_noises": "precision_noises", "kid_samples": "kid_samples", "kid_reference": "kid_reference",
+    "kid_dim": "kid_dim", "kid_subsets": "kid_subsets", "kid_subset_size": "kid_subset_size",
 }
 
 
@@ -149,6 +157,9 @@ def _run_one(name: str, sizes: Sizes, device: torch.device, args: argparse.Names
     if name == "empirical":
         return empirical.run(sizes.num_queries, sizes.num_references, sizes.data_shape,
                              list(sizes.empirical_sigmas), device, sizes.repeats, args.memory_fraction)
+    if name == "kid":
+        return kid.run(sizes.kid_samples, sizes.kid_reference, sizes.kid_dim, sizes.kid_subsets,
+                       sizes.kid_subset_size, sizes.repeats)
     if name == "precision":
         return precision.run(sizes.unet, device, sizes.precision_steps, sizes.batch_size, sizes.precision_heldout,
                              sizes.precision_noises)
