@@ -168,16 +168,18 @@ class EvaluationCallback(Callback):
         """A ModelCheckpoint that monitors one of this callback's metrics must look at it on the steps it is computed:
         its ``every_n_train_steps`` a multiple of ``every_n_steps`` (otherwise it would pair a checkpoint with the
         value of an earlier step, or wait for a validation loop that never comes)."""
-        for checkpoint in trainer.checkpoint_callbacks:
-            monitor = getattr(checkpoint, "monitor", None)
-            if not monitor or not monitor.startswith(self.metric_prefixes):
-                continue
+        for checkpoint in self._monitoring_me(trainer.checkpoint_callbacks):
             every = getattr(checkpoint, "_every_n_train_steps", 0)
             if not every or every % self.every_n_steps != 0:
                 raise ValueError(
-                    f"ModelCheckpoint(monitor={monitor!r}) checks every_n_train_steps={every or None}, but "
-                    f"{type(self).__name__} computes {monitor} every {self.every_n_steps} steps: set the checkpoint's "
-                    f"every_n_train_steps to {self.every_n_steps} (or a multiple of it)")
+                    f"ModelCheckpoint(monitor={checkpoint.monitor!r}) checks every_n_train_steps={every or None}, but "
+                    f"{type(self).__name__} computes {checkpoint.monitor} every {self.every_n_steps} steps: set the "
+                    f"checkpoint's every_n_train_steps to {self.every_n_steps} (or a multiple of it)")
+
+    def _monitoring_me(self, callbacks: list) -> list:
+        """The callbacks (checkpoint, early stopping) whose ``monitor`` is one of this callback's metrics."""
+        return [callback for callback in callbacks
+                if getattr(callback, "monitor", None) and callback.monitor.startswith(self.metric_prefixes)]
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -200,7 +202,8 @@ class EvaluationCallback(Callback):
             self.run(trainer, pl_module, PHASE_VALIDATE)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """``calmwild test``: one evaluation of the checkpoint against the held-out set (see :meth:`reference_set`)."""
+        """``calmwild test``: one evaluation of the checkpoint (FID scores against the held-out set:
+        :meth:`callbacks.samples.FID.reference_name`)."""
         self.run(trainer, pl_module, PHASE_TEST)
 
     # ------------------------------------------------------------------ one evaluation
@@ -233,21 +236,17 @@ class EvaluationCallback(Callback):
         trainer.strategy.barrier()
         return result
 
-    def _my_early_stopping(self, trainer: Trainer) -> list:
-        return [callback for callback in trainer.early_stopping_callbacks
-                if getattr(callback, "monitor", None) and callback.monitor.startswith(self.metric_prefixes)]
-
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """An ``EarlyStopping`` that monitors one of this callback's metrics is checked at the steps the metric is
         computed, and only then (:meth:`_check_early_stopping`): Lightning's own checks would run after validation
         loops (a calmwild fit runs none by default) or at every epoch end, where the same value, computed every
         ``every_n_steps``, would be counted again and again against the patience."""
-        for callback in self._my_early_stopping(trainer):
+        for callback in self._monitoring_me(trainer.early_stopping_callbacks):
             callback._check_on_train_epoch_end = False
 
     def _check_early_stopping(self, trainer: Trainer) -> None:
         """Runs the check of each EarlyStopping on this callback's metrics (every rank: the decision is reduced)."""
-        for callback in self._my_early_stopping(trainer):
+        for callback in self._monitoring_me(trainer.early_stopping_callbacks):
             callback._run_early_stopping_check(trainer)
 
     @staticmethod

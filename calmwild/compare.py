@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import yaml
 from matplotlib.figure import Figure
 
-from calmwild.stats import wilson_interval
+from calmwild.stats import Interval, wilson_interval
 
 RATE_KEY = "traj_mem/rate"
 QUALITY_KEYS = ("fid/value", "kid/value")
@@ -40,6 +40,12 @@ class RunResults:
 
     def best(self, key: str) -> tuple[int, float] | None:
         return min(self.series[key], key=lambda item: item[1]) if self.series.get(key) else None
+
+    def final_rate_interval(self) -> Interval | None:
+        """The 95% Wilson interval of the final trajectory memorization rate over its sample count (None without
+        either)."""
+        final, count = self.final(RATE_KEY), self.samples.get("traj_mem")
+        return wilson_interval(round(final[1] * count), count) if final and count else None
 
 
 def _config(run_dir: Path) -> dict:
@@ -114,11 +120,9 @@ def summary_lines(run: RunResults) -> list[str]:
     lines = []
     if run.final(RATE_KEY):
         step, rate = run.final(RATE_KEY)
-        count = run.samples.get("traj_mem")
-        interval = ""
-        if count:
-            bounds = wilson_interval(round(rate * count), count)
-            interval = f" [95% {100 * bounds.low:.1f}, {100 * bounds.high:.1f}] of {count} samples"
+        bounds, interval = run.final_rate_interval(), ""
+        if bounds:
+            interval = f" [95% {100 * bounds.low:.1f}, {100 * bounds.high:.1f}] of {bounds.count} samples"
         lines.append(f"trajectory memorization {100 * rate:.1f}%{interval} at step {step}")
     if run.final("mem/peak_rate"):
         step, peak = run.final("mem/peak_rate")
@@ -161,11 +165,10 @@ def compare_runs(run_dirs: list[str | Path], quality: str = "fid/value") -> dict
             row[f"final {key} step"] = None if final is None else final[0]
             row[f"best {key}"] = None if best is None else best[1]
             row[f"best {key} step"] = None if best is None else best[0]
-        count = run.samples.get("traj_mem")
-        if row[f"final {RATE_KEY}"] is not None and count:
-            interval = wilson_interval(round(row[f"final {RATE_KEY}"] * count), count)
+        interval = run.final_rate_interval()
+        if interval:
             row["final traj_mem/rate 95% interval"] = [interval.low, interval.high]
-            row["traj_mem samples"] = count
+            row["traj_mem samples"] = interval.count
         rows.append(row)
     both = [i for i, row in enumerate(rows)
             if row[f"final {RATE_KEY}"] is not None and row[f"final {quality}"] is not None]

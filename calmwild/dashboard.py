@@ -65,15 +65,15 @@ def workspace_panels(config: dict) -> list[tuple[str, list[dict[str, Any]]]]:
         memorization.append({"kind": "line", "title": "trajectory memorization rate", "y": ["traj_mem/rate"]})
     if "PerSigmaMemorization" in names:
         memorization.append({"kind": "line", "title": "peak per-sigma memorization", "y": ["mem/peak_rate"]})
+    if memorization:
         sections.append(("memorization against iterations", memorization))
+    if "PerSigmaMemorization" in names:
         sections.append(("per-sigma memorization", [
             {"kind": "media", "title": "memorization: sigma x step", "media_keys": ["mem/curve_heatmap"]},
             {"kind": "media", "title": "memorization against sigma",
              "media_keys": [f"{names['PerSigmaMemorization']}/plot"]},
             {"kind": "line", "title": "memorization per sigma", "metric_regex": "mem/sigma_.*"},
         ]))
-    elif memorization:
-        sections.append(("memorization against iterations", memorization))
     if "PerSigmaMSE" in names:
         sections.append(("per-sigma MSE", [
             {"kind": "media", "title": "MSE train / held-out / gap: sigma x step", "media_keys": ["mse/curve_heatmap"]},

@@ -260,13 +260,7 @@ class CalmwildCLI(LightningCLI):
             raise ValueError(f"calmwild {subcommand} needs --ckpt_path: the checkpoint to evaluate (a fit's .ckpt, a "
                              ".safetensors file, or a network imported with `calmwild import-edm`)")
         path = Path(cfg.ckpt_path)
-        try:
-            checkpoint = read_checkpoint(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file") from None
-        except ValueError as err:
-            raise ValueError(f"--ckpt_path {path} is not a usable calmwild checkpoint: {err}") from None
-        self._evaluated_checkpoint = checkpoint
+        checkpoint = self._evaluated_checkpoint = self._read_ckpt_path(path, f"{subcommand} with")
         self._adopt_network(cfg, checkpoint.get("calmwild"), path)
         for key in ("limit_val_batches", "limit_test_batches"):  # a fit's `limit_val_batches: 0` would skip the run
             if cfg.trainer.get(key) == 0:
@@ -356,14 +350,21 @@ class CalmwildCLI(LightningCLI):
             raise ValueError(f"--ckpt_path {path}: a .safetensors file holds weights only (no optimizer or "
                              "training-loop state), so training cannot resume from it; evaluate it with `calmwild "
                              "validate`, `evaluate` or `sample`, or resume from a .ckpt")
+        return CalmwildCLI._read_ckpt_path(path, "resume with")
+
+    @staticmethod
+    def _read_ckpt_path(path: Path, advised_use: str) -> dict:
+        """The checkpoint ``--ckpt_path`` names, read safely (:func:`calmwild.checkpoints.read_checkpoint`); a missing
+        file is one line, a damaged one names the newest intact checkpoint beside it ("``advised_use`` --ckpt_path
+        that one")."""
         try:
             return read_checkpoint(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file") from None
         except ValueError as err:
             others = [(step, p) for step, p in intact_checkpoints(path.parent) if p.resolve() != path.resolve()]
-            advice = (f"; the newest intact checkpoint beside it is {others[0][1]} (step {others[0][0]}): resume with "
-                      f"--ckpt_path {others[0][1]}") if others else ""
+            advice = (f"; the newest intact checkpoint beside it is {others[0][1]} (step {others[0][0]}): "
+                      f"{advised_use} --ckpt_path {others[0][1]}") if others else ""
             raise ValueError(f"--ckpt_path {path} is not a usable calmwild checkpoint: {err}{advice}") from None
 
     @staticmethod
@@ -477,18 +478,19 @@ class CalmwildCLI(LightningCLI):
         where = f"checkpoint {self.config_init[self.subcommand].ckpt_path}"
         return self.model.load_network_weights(self._evaluated_checkpoint, where)
 
-    def validate(self, model: DiffusionModule, datamodule: Any = None, verbose: bool = True, **_: Any) -> Any:
+    def validate(self, model: DiffusionModule, datamodule: Any = None, **_: Any) -> Any:
         """Runs the configured evaluation callbacks (and the held-out loss) once on the checkpoint's weights."""
-        self._load_evaluated_weights()
-        self.results = self.trainer.validate(model, datamodule=datamodule, verbose=False)
-        self._print_results("validate")
-        return self.results
+        return self._evaluate(self.trainer.validate, model, datamodule)
 
-    def test(self, model: DiffusionModule, datamodule: Any = None, verbose: bool = True, **_: Any) -> Any:
+    def test(self, model: DiffusionModule, datamodule: Any = None, **_: Any) -> Any:
         """As :meth:`validate`, scored against the held-out set where that differs (FID's reference)."""
+        return self._evaluate(self.trainer.test, model, datamodule)
+
+    def _evaluate(self, loop: Any, model: DiffusionModule, datamodule: Any) -> Any:
+        """One run of Lightning's validate or test loop on the checkpoint's weights, its results printed."""
         self._load_evaluated_weights()
-        self.results = self.trainer.test(model, datamodule=datamodule, verbose=False)
-        self._print_results("test")
+        self.results = loop(model, datamodule=datamodule, verbose=False)
+        self._print_results(self.subcommand)
         return self.results
 
     def predict(self, model: DiffusionModule, datamodule: Any = None, **_: Any) -> Any:
@@ -503,6 +505,7 @@ class CalmwildCLI(LightningCLI):
         return writer.written
 
     def _print_results(self, subcommand: str) -> None:
+        """The metrics of the evaluation (rank 0), one per line, and where its results are."""
         if not self.trainer.is_global_zero:
             return
         # the evaluation callbacks log with logger=False (they send their metrics to the loggers themselves), so their

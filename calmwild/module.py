@@ -24,7 +24,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from calmwild.checkpoints import DEFAULT_BACKBONE, EMA_PREFIX, FORMAT_VERSION, LIVE_PREFIX, backbone_config
+from calmwild.checkpoints import DEFAULT_BACKBONE, FORMAT_VERSION, LIVE_PREFIX, backbone_config, ema_weights
 from calmwild.denoisers import NetworkDenoiser
 from calmwild.io import to_jsonable
 from calmwild.precond import EDMPrecond, edm_loss_weight
@@ -199,6 +199,14 @@ class DiffusionModule(pl.LightningModule):
         mine = slice(rank * local, (rank + 1) * local)
         return SigmaDraw(draw.sigma[mine], draw.weight[mine]), noise[mine], draw.sigma
 
+    def _objective(self, denoised: torch.Tensor, images: torch.Tensor, sigma: torch.Tensor,
+                   draw: SigmaDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training objective (eq. 1) of one batch: mean over images of lambda(sigma) * w * ||D - x||^2 / d, with
+        this module's loss weighting lambda and the sampler's weight w; also the per-image MSE ||D - x||^2 / d."""
+        per_sample = ((denoised - images) ** 2).mean(dim=(1, 2, 3))
+        weights = self._per_sample_weight(sigma) * draw.weight.to(images)
+        return (weights * per_sample).mean(), per_sample
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         images, labels = self._split_batch(batch)
         self._batch_size, self._step_was_skipped = images.shape[0], False
@@ -208,9 +216,7 @@ class DiffusionModule(pl.LightningModule):
         if self.hparams.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         denoised = self._train_forward(noisy, sigma, labels)
-        per_sample = ((denoised - images) ** 2).mean(dim=(1, 2, 3))
-        weights = self._per_sample_weight(sigma) * draw.weight.to(images)
-        loss = (weights * per_sample).mean()
+        loss, per_sample = self._objective(denoised, images, sigma, draw)
 
         finite = bool(torch.isfinite(loss))
         if self._trainer is not None:
@@ -350,8 +356,7 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.randn(images.shape, generator=gen).to(images)
         sigma = draw.sigma.to(images)
         denoised = self.ema_denoiser()(images + noise * sigma.reshape(-1, 1, 1, 1), sigma)
-        per_sample = ((denoised - images) ** 2).mean(dim=(1, 2, 3))
-        loss = (self._per_sample_weight(sigma) * draw.weight.to(images) * per_sample).mean()
+        loss, per_sample = self._objective(denoised, images, sigma, draw)
         size = images.shape[0]
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
         self.log(f"{stage}/unweighted_mse", per_sample.mean(), on_step=False, on_epoch=True, sync_dist=True,
@@ -380,11 +385,9 @@ class DiffusionModule(pl.LightningModule):
         and the EMA weights (``net_ema.``) -- after :meth:`check_checkpoint`, and the sigma sampler's prepared state.
         Returns the training step the weights are from (0 when the file does not say)."""
         self.check_checkpoint(checkpoint.get("calmwild"), where)
-        state = checkpoint["state_dict"]
-        ema = {key[len(EMA_PREFIX):]: value for key, value in state.items() if key.startswith(EMA_PREFIX)}
-        live = {key[len(LIVE_PREFIX):]: value for key, value in state.items() if key.startswith(LIVE_PREFIX)}
-        if not ema:
-            raise ValueError(f"{where} holds no EMA weights (no state_dict key starts with {EMA_PREFIX!r})")
+        ema = ema_weights(checkpoint, where)
+        live = {key[len(LIVE_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
+                if key.startswith(LIVE_PREFIX)}
         for target, weights in ((self.net_ema, ema), (self.net, live or ema)):
             try:
                 target.load_state_dict(weights, strict=True)

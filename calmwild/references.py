@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calmwild.features import extractor_identity
+from calmwild.features import extract_features, extractor_identity
 from calmwild.fid import STATISTICS_FILE_PREFIX, ReferenceStats, reference_statistics
 
 SPLITS = ("train", "heldout")
@@ -146,6 +146,4 @@ def load_reference(
 
 def _feature_dim(extractor: nn.Module, image_shape: tuple[int, int, int], device: torch.device | str | None) -> int:
     """The feature dimension of ``extractor`` for images of ``image_shape`` (one zero image through it)."""
-    from calmwild.features import extract_features
-
     return int(extract_features(torch.zeros((1, *image_shape)), extractor, device=device).shape[1])

@@ -6,8 +6,7 @@ Every datamodule derives from :class:`InMemoryImageDataModule` and exposes, afte
 (:mod:`calmwild.data.files`, :mod:`calmwild.data.convert`) can be used without importing Lightning.
 """
 
-import importlib
-from typing import Any
+from calmwild.lazy import lazy_exports
 
 # public name -> the module that defines it
 _WHERE = {
@@ -17,8 +16,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"calmwild.data.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'calmwild.data' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)

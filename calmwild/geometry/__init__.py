@@ -14,8 +14,7 @@ Every Monte Carlo estimate carries a standard error. Heavy work is chunked matri
 device (float32 or float64, the training tensor's dtype); results are float64 CPU tensors.
 """
 
-import importlib
-from typing import Any
+from calmwild.lazy import lazy_exports
 
 # public name -> the module that defines it; imported on first use, so ``calmwild.geometry.zone`` can be imported
 # (by the sigma samplers) without the report's plotting stack
@@ -29,8 +28,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"calmwild.geometry.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'calmwild.geometry' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -266,7 +266,11 @@ class CoverageBounds:
     num_queries: int
     num_pairs: int
     exact_neighbors: int = 0
-    upper_exact: bool = False
+
+    @property
+    def upper_exact(self) -> bool:
+        """Whether the upper bound is the exact all-pairs sum (no random pairs were needed)."""
+        return self.num_pairs == 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -337,4 +341,4 @@ def coverage_bounds(
         rest, rest_se = cluster_mean_se(f_pair)
         upper_mean, upper_se = upper_mean + n * rest, n * rest_se
     return CoverageBounds(sig, lower, lower_se, upper_mean.clamp(max=1.0), upper_se, upper_mean, count,
-                          0 if exact else num_pairs, k, exact)
+                          0 if exact else num_pairs, k)

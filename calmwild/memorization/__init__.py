@@ -6,8 +6,7 @@
 - :mod:`~calmwild.memorization.report`: their JSON sections, logged metric names and figures.
 """
 
-import importlib
-from typing import Any
+from calmwild.lazy import lazy_exports
 
 _WHERE = {
     "RATIO_THRESHOLD": "ratio", "RatioTestResult": "ratio", "TrajectoryMemorization": "ratio",
@@ -22,8 +21,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"calmwild.memorization.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'calmwild.memorization' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)
