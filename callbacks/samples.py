@@ -18,9 +18,8 @@ from lightning.pytorch import LightningModule, Trainer
 from matplotlib.figure import Figure
 
 from calmwild.checks import check_count, check_threshold
-from calmwild.evaluation import evaluate_trajectory_memorization
 from calmwild.data.base import InMemoryImageDataModule
-from calmwild.evaluation import quality_part
+from calmwild.evaluation import evaluate_trajectory_memorization, quality_part
 from calmwild.features import build_feature_extractor, extract_features, extractor_identity
 from calmwild.fid import ReferenceStats
 from calmwild.references import SPLITS, load_reference

@@ -1,5 +1,5 @@
-"""The analysis sub-commands of ``calmwild``: ``sample``, ``swap``, ``evaluate``, ``analyze``, and the file
-commands ``import-edm`` and ``convert``.
+"""The analysis sub-commands of ``calmwild``: ``sample``, ``swap``, ``early-detect``, ``evaluate``, ``analyze``, and the
+file commands ``import-edm`` and ``convert``.
 
 Each is a typed function; jsonargparse turns its signature and docstring into the command line (``--config``
 and ``--print_config`` included). Each writes into a fresh output directory: the tensors, PNG grids, and one JSON
@@ -33,13 +33,17 @@ from calmwild.denoisers import (
     load_denoiser,
 )
 from calmwild.checks import check_count, check_threshold
-from calmwild.io import atomic_write, check_output_dir, image_grid, prepare_output_dir, save_png, write_json
+from calmwild.io import (atomic_write, check_output_dir, image_grid, prepare_output_dir, read_json, save_figure,
+                         save_png, write_json)
+from calmwild.memorization.early_filter import EarlyRejectionSettings, sample_rejecting_early
 from calmwild.memorization.ratio import RATIO_THRESHOLD, trajectory_memorization
 from calmwild.memorization.report import nearest_pairs_grid
 from calmwild.settings import FIDSettings, GeometrySettings, PerSigmaSettings, SamplingSettings
 from calmwild.sampling import generate
+from calmwild.stats import wilson_interval
 
 CLOSED_FORM_DENOISERS = ("empirical", "gaussian")
+DEFAULT_DETECTION_SEEDS = (0, 100_000, 200_000)
 
 # A calmwild.data.InMemoryImageDataModule. Not imported here: the datamodules load Lightning (seconds), which only
 # the commands that read data need, and jsonargparse would import a TYPE_CHECKING block to resolve annotations.
@@ -99,26 +103,48 @@ def _image_shape(denoiser: Denoiser, datamodule: DataModule | None) -> tuple[int
     return tuple(int(s) for s in shape)
 
 
-def _sample_and_report(denoiser: Denoiser, shape: tuple[int, int, int], datamodule: DataModule | None,
-                       out: Path, settings: dict, num: int, sampling: SamplingSettings, device: str,
-                       threshold: float) -> dict:
-    """Generates, writes samples (tensor + grid) and, with data, the trajectory memorization (ratio test)."""
+def _check_rejection(reject_memorized_early: bool, data: str | None) -> None:
+    if reject_memorized_early and not data:
+        raise ValueError("--reject_memorized_early needs --data: the training set scores and labels trajectories")
+
+
+def _draw_samples(denoiser: Denoiser, shape: tuple[int, int, int], num: int, sampling: SamplingSettings,
+                  datamodule: DataModule | None, device: str, threshold: float, reject_memorized_early: bool,
+                  early_rejection: EarlyRejectionSettings) -> tuple[torch.Tensor, float, dict]:
+    """``num`` samples, plainly or with early rejection (calmwild.memorization.early_filter); returns them, the
+    seconds taken and the report's extra sections."""
     start = time.perf_counter()
-    samples = generate(denoiser, num, shape, device=device, **sampling.generate_kwargs())
-    report: dict[str, Any] = {**settings, "num_samples": num, "image_shape": list(shape),
-                              "sampling_seconds": time.perf_counter() - start}
+    if not reject_memorized_early:
+        samples = generate(denoiser, num, shape, device=device, **sampling.generate_kwargs())
+        return samples, time.perf_counter() - start, {}
+    filtered, rejection = sample_rejecting_early(denoiser, datamodule.train_images, num, shape, sampling,
+                                                 early_rejection, threshold, device)
+    extra = {"early_rejection": {**rejection, "accepted_indices": filtered.accepted}}
+    return filtered.samples, time.perf_counter() - start, extra
+
+
+def _report_samples(drawn: tuple[torch.Tensor, float, dict], shape: tuple[int, int, int],
+                    datamodule: DataModule | None, out: Path, settings: dict, threshold: float) -> dict:
+    """Writes the samples of :func:`_draw_samples` (tensor + grid) and, with data, their trajectory memorization
+    (ratio test) with its Wilson interval."""
+    samples, seconds, extra = drawn
+    num = int(samples.shape[0])
+    report: dict[str, Any] = {**settings, "num_samples": num, "image_shape": list(shape), "sampling_seconds": seconds,
+                              **extra}
     atomic_write(out / "samples.pt", lambda handle: torch.save(samples, handle))
     save_png(image_grid(samples[:256]), out / "samples.png")
     report["files"] = {"samples": "samples.pt", "grid": "samples.png"}
-    if datamodule is not None:
+    if datamodule is not None and num > 0:
         train = datamodule.train_images
         traj = trajectory_memorization(samples, train, threshold=threshold)
         result = traj.result
+        memorized = int(result.memorized.sum())
         report["memorization"] = {
             "threshold": threshold,
             "rate": traj.rate,
             "stderr": traj.stderr,
-            "num_memorized": int(result.memorized.sum()),
+            "interval": wilson_interval(memorized, num).as_dict(),
+            "num_memorized": memorized,
             "train_size": int(train.shape[0]),
         }
         save_png(nearest_pairs_grid(samples, train, result), out / "nearest_pairs.png")
@@ -129,6 +155,18 @@ def _sample_and_report(denoiser: Denoiser, shape: tuple[int, int, int], datamodu
     return report
 
 
+def resolve_swap(base: str, other: str, band: str | None, sigma_bands: list[tuple[float, float]] | None,
+                 datamodule: DataModule | None, device: str, precision: str = "fp32") -> SwapDenoiser:
+    """``other`` inside the sigma bands (or the named preset), ``base`` elsewhere; each side resolved by
+    :func:`resolve_denoiser` (``precision`` applies to checkpoint sides)."""
+    if sigma_bands is None and band is None:
+        raise ValueError(f"give --band (one of {sorted(SWAP_PRESETS)}) or --sigma_bands")
+    base_d, other_d = (resolve_denoiser(spec, datamodule, device, "fp32" if spec in CLOSED_FORM_DENOISERS else
+                                        precision) for spec in (base, other))
+    check_compatible(base_d, other_d)
+    return SwapDenoiser(base_d, other_d, sigma_bands if sigma_bands is not None else band)
+
+
 def sample(
     *,
     out: Path,
@@ -137,6 +175,8 @@ def sample(
     num: int = 64,
     sampling: SamplingSettings = SamplingSettings(),
     threshold: float = RATIO_THRESHOLD,
+    reject_memorized_early: bool = False,
+    early_rejection: EarlyRejectionSettings = EarlyRejectionSettings(),
     device: str = "cpu",
     overwrite: bool = False,
 ) -> dict:
@@ -144,7 +184,10 @@ def sample(
 
     Writes samples.pt, samples.png and sample.json into ``out``; with ``--data``, also the trajectory
     memorization rate (d1/d2 < threshold against the training set) and a grid of samples beside their nearest
-    training images.
+    training images. With ``--reject_memorized_early true`` (needs ``--data``) each trajectory whose early score
+    passes a threshold calibrated on held-out trajectories for a stated false-negative rate is stopped at that step
+    and replaced by a new seed; sample.json's ``early_rejection`` reports the rule, the calibration, the rejections
+    and the evaluations spent (calmwild.memorization.early_filter).
 
     Args:
         out: output directory (must be new or empty unless --overwrite).
@@ -154,18 +197,23 @@ def sample(
         sampling: the sampler: steps, solver, s_churn, seed (sample i starts from noise seed + i), batch size,
             network precision (fp32, or bf16 autocast; closed-form denoisers compute in fp32/fp64).
         threshold: ratio-test threshold in (0, 1).
+        reject_memorized_early: stop and regenerate trajectories whose early score passes the calibrated threshold.
+        early_rejection: the score, step, false-negative rate and calibration of that filter.
         device: torch device, e.g. cpu or cuda.
         overwrite: allow writing into a non-empty directory.
     """
     check_count(num, "num")
     check_threshold(threshold)
+    _check_rejection(reject_memorized_early, data)
     check_output_dir(out, overwrite)
     datamodule = load_datamodule(data) if data else None
     denoiser = resolve_denoiser(ckpt, datamodule, device, sampling.precision)
     shape = _image_shape(denoiser, datamodule)
     out = prepare_output_dir(out, overwrite)
     settings = {"command": "sample", "denoiser": ckpt, "data": data, "device": device, **sampling.to_dict()}
-    report = _sample_and_report(denoiser, shape, datamodule, out, settings, num, sampling, device, threshold)
+    drawn = _draw_samples(denoiser, shape, num, sampling, datamodule, device, threshold, reject_memorized_early,
+                          early_rejection)
+    report = _report_samples(drawn, shape, datamodule, out, settings, threshold)
     write_json(report, out / "sample.json")
     return report
 
@@ -181,6 +229,8 @@ def swap(
     num: int = 64,
     sampling: SamplingSettings = SamplingSettings(),
     threshold: float = RATIO_THRESHOLD,
+    reject_memorized_early: bool = False,
+    early_rejection: EarlyRejectionSettings = EarlyRejectionSettings(),
     device: str = "cpu",
     overwrite: bool = False,
 ) -> dict:
@@ -201,28 +251,132 @@ def swap(
         sampling: the sampler (see ``sample``); its precision applies to the checkpoint side(s), a closed-form side
             always computes in float32 / float64.
         threshold: ratio-test threshold in (0, 1).
+        reject_memorized_early: stop and regenerate trajectories whose early score passes the calibrated threshold
+            (see ``sample``).
+        early_rejection: the score, step, false-negative rate and calibration of that filter.
         device: torch device.
         overwrite: allow writing into a non-empty directory.
     """
-    if sigma_bands is None and band is None:
-        raise ValueError(f"give --band (one of {sorted(SWAP_PRESETS)}) or --sigma_bands")
     check_count(num, "num")
     check_threshold(threshold)
+    _check_rejection(reject_memorized_early, data)
     check_output_dir(out, overwrite)
     datamodule = load_datamodule(data) if data else None
-    base_d, other_d = (
-        resolve_denoiser(spec, datamodule, device, "fp32" if spec in CLOSED_FORM_DENOISERS else sampling.precision)
-        for spec in (base, other)
-    )
-    check_compatible(base_d, other_d)
-    hybrid = SwapDenoiser(base_d, other_d, sigma_bands if sigma_bands is not None else band)
+    hybrid = resolve_swap(base, other, band, sigma_bands, datamodule, device, sampling.precision)
     shape = _image_shape(hybrid, datamodule)
     out = prepare_output_dir(out, overwrite)
     settings = {"command": "swap", "base": base, "other": other, "band": None if sigma_bands else band,
                 "sigma_bands": hybrid.bands, "data": data, "device": device, **sampling.to_dict()}
-    report = _sample_and_report(hybrid, shape, datamodule, out, settings, num, sampling, device, threshold)
+    drawn = _draw_samples(hybrid, shape, num, sampling, datamodule, device, threshold, reject_memorized_early,
+                          early_rejection)
+    report = _report_samples(drawn, shape, datamodule, out, settings, threshold)
     write_json(report, out / "swap.json")
     return report
+
+
+def early_detect(
+    *,
+    out: Path,
+    data: str,
+    ckpt: str = "empirical",
+    other: str | None = None,
+    band: Literal["large", "medium", "small"] | None = "medium",
+    sigma_bands: list[tuple[float, float]] | None = None,
+    num: int = 128,
+    seeds: list[int] | None = None,
+    sampling: SamplingSettings = SamplingSettings(),
+    threshold: float = RATIO_THRESHOLD,
+    level: float = 0.9,
+    zone: Path | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> dict:
+    """How early along the sampling trajectory memorization can be predicted (seed 004; calmwild.memorization.early).
+
+    Runs ``num`` trajectories per seed of the denoiser, labels each by the ratio test of its final sample, and
+    reports for every step the AUROC (with DeLong's interval) of four early scores -- schedule deviation, the denoised
+    estimate's distance and d1/d2 to the training set, the empirical posterior's max weight at the state -- with the
+    earliest step at which the AUROC reaches ``level``, the evaluations that stopping there saves, and where that
+    step lies relative to the danger zone. Writes early_detection.json and early_detection.png.
+
+    Args:
+        out: output directory (must be new or empty unless --overwrite).
+        data: data spec (fit config, class_path YAML, or class path): the training set of the labels and scores.
+        ckpt: the denoiser: checkpoint path, ``empirical`` or ``gaussian``; with ``other``, the base of a swap.
+        other: swap ``other`` into ``ckpt`` inside the band(s) (see ``swap``).
+        band: the swap's preset region (with ``other``; ignored when sigma_bands is given).
+        sigma_bands: the swap's explicit sigma bands [[low, high], ...].
+        num: trajectories per seed.
+        seeds: sampling seeds (default 0, 100000, 200000; trajectory i of seed s starts from noise seed s + i, so
+            the blocks must not overlap).
+        sampling: steps, solver and batch size (the deterministic ODE: s_churn 0; its seed is replaced by ``seeds``).
+        threshold: ratio-test threshold in (0, 1) of the final label.
+        level: the AUROC a score must reach.
+        zone: a ``calmwild analyze`` geometry.json whose danger zone is related to the detector (default: the danger
+            zone computed from the data with calmwild.settings.GeometrySettings).
+        device: torch device.
+        overwrite: allow writing into a non-empty directory.
+    """
+    from calmwild.memorization.early import (check_deterministic, check_seeds, detection_curves,
+                                             plot_detection_curves, score_trajectories)
+
+    check_threshold(threshold)
+    check_deterministic(sampling)
+    seeds = check_seeds(DEFAULT_DETECTION_SEEDS if seeds is None else seeds, num)
+    check_output_dir(out, overwrite)
+    datamodule = load_datamodule(data)
+    denoiser = (resolve_denoiser(ckpt, datamodule, device, sampling.precision) if other is None else
+                resolve_swap(ckpt, other, band, sigma_bands, datamodule, device, sampling.precision))
+    shape = _image_shape(denoiser, datamodule)
+    band_sigma, zone_source = _danger_zone_band(zone, datamodule, device)
+    out = prepare_output_dir(out, overwrite)
+    start = time.perf_counter()
+    runs = [score_trajectories(denoiser, datamodule.train_images, shape, range(num),
+                               SamplingSettings(**{**sampling.to_dict(), "seed": seed}), threshold, device, True)
+            for seed in seeds]
+    scored = type(runs[0])({name: torch.cat([r.scores[name] for r in runs]) for name in runs[0].scores},
+                           torch.cat([r.memorized for r in runs]), torch.cat([r.ratio for r in runs]),
+                           runs[0].sigmas, torch.cat([r.samples for r in runs]))
+    groups = torch.tensor([seed for seed in seeds for _ in range(num)])
+    curves = detection_curves(scored, sampling.solver, level, band_sigma, groups)
+    denoiser_name = ckpt if other is None else f"swap({ckpt}, {other} on {sigma_bands or band})"
+    report = {"command": "early-detect", "denoiser": denoiser_name, "data": data, "device": device, "seeds": seeds,
+              "num_per_seed": num, "threshold": threshold, "zone_source": zone_source, **sampling.to_dict(),
+              "seconds": time.perf_counter() - start, **curves,
+              "files": {"report": "early_detection.json", "plot": "early_detection.png"}}
+    save_figure(plot_detection_curves(curves, denoiser_name), out / "early_detection.png")
+    write_json(report, out / "early_detection.json")
+    print(f"calmwild early-detect: {_detection_summary(curves)}; report in {out}", flush=True)
+    return report
+
+
+def _danger_zone_band(zone: Path | None, datamodule: DataModule,
+                      device: str) -> tuple[tuple[float, float] | None, str]:
+    """The danger zone's sigma band from a geometry.json, or computed from the data (None when empty)."""
+    if zone is not None:
+        content = read_json(zone, "--zone")
+        entry = content.get("danger_zone") if isinstance(content, dict) else None
+        if not isinstance(entry, dict) or "sigma" not in entry:
+            raise ValueError(f"--zone {zone}: expected a calmwild analyze geometry.json with a danger_zone section")
+        source = str(zone)
+    else:
+        from calmwild.geometry.report import analyze_geometry
+
+        entry = analyze_geometry(datamodule.train_images, datamodule.heldout_images, GeometrySettings(),
+                                 device=device)["danger_zone"]
+        source = "computed from the data (GeometrySettings defaults)"
+    return (None if entry["sigma"] is None else tuple(entry["sigma"])), source
+
+
+def _detection_summary(curves: dict) -> str:
+    if "scores" not in curves:
+        return curves["undefined"]
+    best = curves["best"]
+    point = curves["scores"][best]["earliest_reliable"] or curves["scores"][best]["earliest"]
+    if point is None:
+        return f"no score reaches AUROC {curves['level']} (best: {best})"
+    return (f"{best} reaches AUROC {point['auroc']:.3f} at step {point['step']} (sigma {point['sigma']:.3g}, "
+            f"{point['zone'] or 'no zone'}), stopping there saves {100 * point['fraction_saved']:.0f}% of a run")
 
 
 def analyze(
@@ -450,5 +604,5 @@ def wandb_workspace(fit_config: Path, *, entity: str | None = None, project: str
     return specification
 
 
-COMMANDS = {"sample": sample, "swap": swap, "analyze": analyze, "evaluate": evaluate, "import-edm": import_edm,
-            "convert": convert, "compare": compare, "wandb-workspace": wandb_workspace}
+COMMANDS = {"sample": sample, "swap": swap, "early-detect": early_detect, "analyze": analyze, "evaluate": evaluate,
+            "import-edm": import_edm, "convert": convert, "compare": compare, "wandb-workspace": wandb_workspace}

@@ -128,6 +128,17 @@ def write_json(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """The content of a JSON file, or one line naming the file when it is missing or is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err})") from None
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Writes a matplotlib Figure (no pyplot state involved) atomically and returns the path."""
     path = Path(path)

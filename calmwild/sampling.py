@@ -70,6 +70,9 @@ def edm_sampler(
     record: bool = False,
     generator: Generators = None,
     state_dtype: torch.dtype = torch.float64,
+    start_step: int = 0,
+    stop_step: int | None = None,
+    start_state: torch.Tensor | None = None,
 ) -> SamplerOutput:
     """Integrate the probability-flow ODE from ``noise`` (standard normal, [B, ...]) with EDM's Algorithm 2.
 
@@ -78,6 +81,11 @@ def edm_sampler(
     ``solver`` is "heun" (2nd order, 2N - 1 evaluations) or "euler" (1st order, N evaluations). Churn noise
     (``s_churn > 0``) comes from ``generator`` (one generator, or one per row; None: the global RNG).
     ``record=True`` also returns the states and per-step denoised estimates (on CPU, in ``noise.dtype``).
+
+    Part of the integration: steps ``start_step`` .. ``stop_step - 1`` (0-based; default all N) from
+    ``start_state``, the state at t_{start_step} (default t_0 * noise, which needs ``start_step`` 0). The result's
+    ``samples`` is then the state at t_{stop_step}, kept in ``state_dtype`` so that running [0, k) and then [k, N)
+    from it gives the full run's result exactly (without churn). Recorded trajectories cover the steps run.
     """
     num_steps = check_count(num_steps, "num_steps")
     if solver not in SOLVERS:
@@ -89,6 +97,15 @@ def edm_sampler(
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be >= 0, got s_churn={s_churn}, s_noise={s_noise}")
 
+    stop_step = num_steps if stop_step is None else stop_step
+    if not (isinstance(start_step, int) and isinstance(stop_step, int) and 0 <= start_step <= stop_step <= num_steps):
+        raise ValueError(f"need 0 <= start_step <= stop_step <= num_steps={num_steps}, got start_step={start_step}, "
+                         f"stop_step={stop_step}")
+    if start_state is None and start_step != 0:
+        raise ValueError(f"start_step={start_step} continues a run: pass the state at that step as start_state")
+    if start_state is not None and start_state.shape != noise.shape:
+        raise ValueError(f"start_state has shape {tuple(start_state.shape)}, the noise {tuple(noise.shape)}")
+
     steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)
     sigmas = torch.cat([steps, torch.zeros(1, dtype=torch.float64)])
     t = sigmas.tolist()
@@ -99,10 +116,10 @@ def edm_sampler(
         sig = torch.full((batch,), sigma, dtype=call_dtype, device=noise.device)
         return denoiser(x.to(call_dtype), sig).to(state_dtype)
 
-    x = noise.to(state_dtype) * t[0]
+    x = noise.to(state_dtype) * t[0] if start_state is None else start_state.to(noise.device, state_dtype)
     states = [x.to("cpu", call_dtype)] if record else None
     denoised_steps = [] if record else None
-    for i in range(num_steps):
+    for i in range(start_step, stop_step):
         t_cur, t_next = t[i], t[i + 1]
         gamma = gamma_max if s_min <= t_cur <= s_max else 0.0
         t_hat = t_cur * (1.0 + gamma)
@@ -121,10 +138,11 @@ def edm_sampler(
             denoised_steps.append(d_hat.to("cpu", call_dtype))
 
     return SamplerOutput(
-        samples=x.to(call_dtype),
+        samples=x.to(call_dtype) if stop_step == num_steps else x,
         sigmas=sigmas,
         trajectory_states=torch.stack(states) if record else None,
-        trajectory_denoised=torch.stack(denoised_steps) if record else None,
+        trajectory_denoised=(torch.stack(denoised_steps) if denoised_steps else torch.empty((0, *noise.shape)))
+        if record else None,
     )
 
 

@@ -11,6 +11,7 @@ from calmwild.cli import run
 from calmwild.commands import load_datamodule
 from calmwild.data import DigitsDataModule
 from calmwild.denoisers import load_denoiser
+from calmwild.memorization.early import SCORES
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")
@@ -121,3 +122,48 @@ def test_analyze_writes_geometry_report(tmp_path):
         lo, hi = saved["danger_zone"]["sigma"]
         assert risk["bandwidth_sigma"] == pytest.approx((lo * hi) ** 0.5)
         assert "kernel_self_weight" in risk["per_image"]
+
+
+# Gaussian denoiser outside EDM's medium band, empirical inside it: on the digits about a quarter of the samples
+# memorize, the rest do not (a regime where early detection has both classes).
+HALF_SWAP = ["--ckpt", "gaussian", "--other", "empirical", "--band", "medium"]
+
+
+def test_early_detect_reports_auroc_per_step_against_the_zone(tmp_path):
+    zone = tmp_path / "geometry.json"
+    zone.write_text(json.dumps({"danger_zone": {"sigma": [0.43, 1.62]}}))
+    out = tmp_path / "early"
+    report = run(["early-detect", "--out", str(out), "--data", DIGITS, *HALF_SWAP, "--num", "24",
+                  "--seeds", "[0, 1000]", "--sampling.steps", "10", "--zone", str(zone)])
+    saved = json.loads((out / "early_detection.json").read_text())
+    assert (out / "early_detection.png").is_file() and saved["num_trajectories"] == 48
+    assert 0 < saved["num_memorized"] < 48 and saved["danger_zone"] == [0.43, 1.62]
+    assert saved["steps"] == list(range(1, 11)) and saved["total_evaluations"] == 19
+    assert set(saved["scores"]) == set(SCORES)
+    for entry in saved["scores"].values():
+        assert len(entry["auroc"]) == 10 and set(entry["by_group"]) == {"0", "1000"}
+    assert report["best"] == saved["best"] and "sampling_seconds" not in saved
+    with pytest.raises(ValueError, match="share noise"):
+        run(["early-detect", "--out", str(tmp_path / "o"), "--data", DIGITS, "--num", "24", "--seeds", "[0, 10]"])
+    zone.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="danger_zone section"):
+        run(["early-detect", "--out", str(tmp_path / "z"), "--data", DIGITS, "--num", "4", "--zone", str(zone)])
+
+
+def test_swap_rejecting_memorized_samples_early_accounts_for_every_trajectory(tmp_path):
+    out = tmp_path / "filtered"
+    report = run(["swap", "--out", str(out), "--base", "gaussian", "--other", "empirical", "--band", "medium",
+                  "--data", DIGITS, "--num", "12", "--reject_memorized_early", "true",
+                  "--early_rejection.calibration_num", "96", "--early_rejection.false_negative_rate", "0.1"])
+    rejection = json.loads((out / "swap.json").read_text())["early_rejection"]
+    assert rejection == json.loads(json.dumps(report["early_rejection"]))
+    assert report["num_samples"] == rejection["num_accepted"] == 12
+    attempted = rejection["num_attempted"]
+    assert sorted(rejection["accepted_indices"] + rejection["rejected_indices"]) == list(range(attempted))
+    step, total = rejection["rule"]["step"], 35  # EDM's 18 Heun steps
+    head = 2 * step - (step == 18)
+    assert rejection["evaluations"]["filtered_generation"] == attempted * head + 12 * (total - head)
+    assert rejection["calibration"]["expected_false_negative_rate_bound"] <= 0.1
+    assert report["memorization"]["interval"]["count"] == 12
+    with pytest.raises(ValueError, match="needs --data"):
+        run(["sample", "--out", str(tmp_path / "x"), "--ckpt", "gaussian", "--reject_memorized_early", "true"])

@@ -3,7 +3,11 @@
 - :mod:`~calmwild.memorization.ratio`: the ratio test d1/d2 < 1/3 (Yoon et al. 2023), rates with cluster-robust
   standard errors, trajectory-level memorization;
 - :mod:`~calmwild.memorization.per_sigma`: per-noise-level MSE (eq. 5) and memorization, sharded by item;
-- :mod:`~calmwild.memorization.report`: their JSON sections, logged metric names and figures.
+- :mod:`~calmwild.memorization.report`: their JSON sections, logged metric names and figures;
+- :mod:`~calmwild.memorization.early`: early scores along the sampling trajectory and how well each predicts the
+  final sample's memorization, step by step (seed 004);
+- :mod:`~calmwild.memorization.early_filter`: stopping and regenerating trajectories whose early score passes a
+  calibrated threshold.
 """
 
 from calmwild.lazy import lazy_exports
@@ -18,6 +22,10 @@ _WHERE = {
     "memorization_report": "report", "mse_report": "report", "nearest_pairs_grid": "report",
     "plot_per_sigma_memorization": "report", "plot_per_sigma_mse": "report", "plot_ratio_histogram": "report",
     "plot_sigma_curves": "report", "trajectory_report": "report",
+    "SCORES": "early", "ScoredTrajectories": "early", "detection_curves": "early", "evaluations_through": "early",
+    "plot_detection_curves": "early", "score_trajectories": "early", "step_scores": "early",
+    "Calibration": "early_filter", "EarlyRejectionSettings": "early_filter", "FilteredSamples": "early_filter",
+    "calibrate": "early_filter", "generate_rejecting": "early_filter",
 }
 __all__ = sorted(_WHERE)
 
