@@ -76,8 +76,8 @@ def load_datamodule(spec: str) -> DataModule:
 
 def resolve_denoiser(spec: str, datamodule: DataModule | None, device: str,
                      precision: str = "fp32") -> Denoiser:
-    """A checkpoint path (its network run in ``precision``), or ``empirical`` / ``gaussian`` built from the
-    datamodule's training set."""
+    """A checkpoint path (its network run in ``precision``; a run directory, or a directory of runs, stands for its
+    newest run's ``last.ckpt``), or ``empirical`` / ``gaussian`` built from the datamodule's training set."""
     if spec in CLOSED_FORM_DENOISERS:
         if datamodule is None:
             raise ValueError(f"the {spec!r} denoiser is built from a training set: pass --data")
@@ -86,6 +86,10 @@ def resolve_denoiser(spec: str, datamodule: DataModule | None, device: str,
                              "computes in float32 / float64")
         train = datamodule.train_images.to(device)
         return EmpiricalDenoiser(train) if spec == "empirical" else GaussianDenoiser.fit(train)
+    if Path(spec).is_dir():
+        from calmwild.runs import run_checkpoint
+
+        spec = str(run_checkpoint(Path(spec)))
     return load_denoiser(spec, device=device, precision=precision)
 
 
@@ -191,7 +195,8 @@ def sample(
 
     Args:
         out: output directory (must be new or empty unless --overwrite).
-        ckpt: checkpoint path (.ckpt or .safetensors), or ``empirical`` / ``gaussian``.
+        ckpt: checkpoint path (.ckpt or .safetensors; a run directory: its last.ckpt), or ``empirical`` /
+            ``gaussian``.
         data: data spec (fit config, class_path YAML, or class path); needed for closed-form denoisers.
         num: number of samples.
         sampling: the sampler: steps, solver, s_churn, seed (sample i starts from noise seed + i), batch size,
@@ -455,7 +460,8 @@ def evaluate(
     Writes evaluation.json and plots into ``out``.
 
     Args:
-        ckpt: checkpoint path (.ckpt or .safetensors), or ``empirical`` / ``gaussian``.
+        ckpt: checkpoint path (.ckpt or .safetensors; a run directory: its last.ckpt), or ``empirical`` /
+            ``gaussian``.
         data: data spec (fit config, class_path YAML, or class path).
         out: output directory (must be new or empty unless --overwrite).
         per_sigma: the items of the per-sigma curves: noise levels (default EDM's 18-step schedule), images per

@@ -23,8 +23,9 @@ Work is split by item index into contiguous slices, one per rank (:func:`shard_b
 - ``fid``: ``fid``, ``kid``, ``kid_std``, ``kid_subset_size``, ``kid_subsets`` (KID null for a statistics-file
   reference), ``num_samples``, ``num_reference``, ``feature_extractor``, ``reference``, ``reference_key``; null when
   FID is switched off.
-- ``metrics``: the flat scalar dict with the keys the callbacks log; ``files``: the plots (:data:`PLOT_FILES`);
-  ``seconds``: wall time per part.
+- ``metrics``: the flat scalar dict with the keys the callbacks log; ``files``: the plots (:data:`PLOT_FILES`) and
+  ``per_sample.json`` (each generated sample's ``ratio`` d1/d2, ``nearest_index`` in the training set and whether it
+  is ``memorized``); ``seconds``: wall time per part.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ EVALUATION_KEYS = ("settings", "data", "per_sigma_mse", "per_sigma_memorization"
                    "metrics", "files", "seconds")
 PLOT_FILES = {"per_sigma_mse": "per_sigma_mse.png", "per_sigma_memorization": "per_sigma_memorization.png",
               "nearest_pairs": "nearest_pairs.png", "trajectory_ratios": "trajectory_ratios.png"}
+PER_SAMPLE_FILE = "per_sample.json"
 Gather = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -226,6 +228,8 @@ def evaluate_denoiser(
     save_figure(mem.figure, out / PLOT_FILES["per_sigma_memorization"])
     save_png(nearest_pairs_grid(samples, train, tests), out / PLOT_FILES["nearest_pairs"])
     save_figure(traj.figure, out / PLOT_FILES["trajectory_ratios"])
+    write_json({"ratio": tests.ratio, "nearest_index": tests.nearest_index, "memorized": tests.memorized},
+               out / PER_SAMPLE_FILE)
     report = {
         "settings": {"per_sigma": per_sigma.to_dict(), "sampling": sampling.to_dict(), "num_samples": num_samples,
                      "threshold": threshold, "device": str(device),
@@ -238,7 +242,7 @@ def evaluate_denoiser(
         "trajectory_memorization": traj.section,
         "fid": None if quality is None else quality.section,
         "metrics": {**mse.metrics, **mem.metrics, **traj.metrics, **({} if quality is None else quality.metrics)},
-        "files": dict(PLOT_FILES),
+        "files": {**PLOT_FILES, "per_sample": PER_SAMPLE_FILE},
         "seconds": seconds,
     }
     write_json(report, out / "evaluation.json")

@@ -76,6 +76,18 @@ def find_latest_run(root: Path) -> Path:
     return candidates[-1].parent.parent
 
 
+def run_checkpoint(directory: Path) -> Path:
+    """The ``last.ckpt`` of a run directory, or of the newest run under a directory of runs (a config's root)."""
+    own = directory / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if own.is_file():
+        return own
+    try:
+        return find_latest_run(directory) / CHECKPOINT_DIR / LAST_CHECKPOINT
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory} holds no calmwild run: no {CHECKPOINT_DIR}/{LAST_CHECKPOINT} in it or in "
+                                f"a {RUN_PREFIX}* folder under it") from None
+
+
 def owning_run(checkpoint: Path) -> Path | None:
     """The run directory a checkpoint belongs to: the parent of its ``checkpoints/`` folder when that is a calmwild
     run directory; None for a checkpoint anywhere else."""

@@ -74,6 +74,17 @@ def test_swap_of_identical_checkpoints_equals_plain_sampling(tmp_path, tiny_chec
     assert 0.0 <= swapped["memorization"]["rate"] <= 1.0
 
 
+def test_a_run_directory_stands_for_its_last_checkpoint(tmp_path, tiny_checkpoint, tiny_data):
+    run_dir = tiny_checkpoint.parent.parent
+    for spec, name in ((tiny_checkpoint, "file"), (run_dir, "run"), (run_dir.parent, "root")):
+        run(["sample", "--out", str(tmp_path / name), "--ckpt", str(spec), "--num", "3", "--sampling.steps", "4"])
+    file = torch.load(tmp_path / "file" / "samples.pt")
+    assert torch.equal(file, torch.load(tmp_path / "run" / "samples.pt"))
+    assert torch.equal(file, torch.load(tmp_path / "root" / "samples.pt"))
+    with pytest.raises(FileNotFoundError, match="holds no calmwild run"):
+        run(["sample", "--out", str(tmp_path / "none"), "--ckpt", str(tmp_path / "file"), "--num", "2"])
+
+
 def test_swap_in_bf16_runs_the_checkpoint_side_in_bf16_beside_a_closed_form_side(tmp_path, tiny_checkpoint, tiny_data,
                                                                                     monkeypatch):
     from calmwild import commands

@@ -104,6 +104,18 @@ def test_trajectory_memorization_and_fid_match_independent_computation(empirical
     assert report["fid"]["fid"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
+def test_per_sample_results_name_each_samples_nearest_training_image(empirical_report):
+    train, _, out, report = empirical_report
+    per_sample = json.loads((out / report["files"]["per_sample"]).read_text())
+    samples = generate(EmpiricalDenoiser(train), 32, SHAPE, seed=0, batch_size=16, progress=False, num_steps=8)
+    distances = (samples.reshape(32, 1, -1).double() - train.reshape(1, len(train), -1).double()).norm(dim=-1)
+    two = distances.topk(2, largest=False).values
+    assert per_sample["nearest_index"] == distances.argmin(dim=1).tolist()
+    np.testing.assert_allclose(per_sample["ratio"], (two[:, 0] / two[:, 1]).numpy(), rtol=1e-4, atol=1e-6)
+    assert per_sample["memorized"] == (two[:, 0] / two[:, 1] < 1 / 3).tolist()
+    assert sum(per_sample["memorized"]) == report["trajectory_memorization"]["num_memorized"]
+
+
 def test_gaussian_denoiser_does_not_memorize(tmp_path):
     train, heldout = _data(seed=1)
     report = _evaluate(GaussianDenoiser.fit(train), train, heldout, tmp_path, num_noises=1, fid_feature=None,

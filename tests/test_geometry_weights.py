@@ -17,6 +17,7 @@ from calmwild.geometry import (
     shell_coverage,
     shell_probability_bound,
 )
+from calmwild.geometry.weights import ConcentrationThresholds, WeightCurves, remark_4_3
 
 
 def test_weight_curves_two_points_match_gaussian_integral():
@@ -152,3 +153,23 @@ def test_simplex_transitions_land_where_distances_predict():
     assert sigma_c / 1.5 < zone.coverage_crossing_sigma < 1.5 * sigma_c
     assert zone.band == pytest.approx((zone.coverage_crossing_sigma, zone.weight_crossing_sigma))
     assert zone.band[0] < zone.crossing_sigma < zone.band[1]
+
+
+def test_remark_4_3_compares_the_median_thresholds_with_the_curve_crossings():
+    """A weight curve 1 -> 0.5 -> 0 over sigma 0.1, 1, 10 (linear in log sigma) crosses 0.95 at 0.1 * 10^0.1 and
+    0.05 at 10^0.9; the ratios are the median thresholds over those."""
+    sigmas = torch.tensor([1.0, 0.1, 10.0], dtype=torch.float64)  # any order
+    weights = torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64)
+    curves = WeightCurves(sigmas, weights, torch.zeros(3), weights, torch.zeros(3), num_points=4, num_noises=2)
+    lo, hi = torch.tensor([0.05, 0.06, 0.08], dtype=torch.float64), torch.tensor([12.0, 15.0, 30.0])
+    thresholds = ConcentrationThresholds(torch.arange(3), lo, hi, lo, hi, z=2.0, eps=0.05, delta=0.05, num_train=40,
+                                         summary={"sigma_lo": {"median": 0.06}, "sigma_hi": {"median": 15.0}})
+    remark = remark_4_3(curves, thresholds)
+    assert remark["curve_sigma"]["high_weight"] == pytest.approx(0.1 * 10**0.1)
+    assert remark["curve_sigma"]["low_weight"] == pytest.approx(10**0.9)
+    assert remark["ratio"]["high_weight"] == pytest.approx(0.06 / (0.1 * 10**0.1))
+    assert remark["ratio"]["low_weight"] == pytest.approx(15.0 / 10**0.9)
+    assert remark["levels"] == {"high_weight": 0.95, "low_weight": 0.05} and remark["num_points"] == 3
+    flat = WeightCurves(sigmas, torch.full((3,), 0.5, dtype=torch.float64), torch.zeros(3), weights, torch.zeros(3),
+                        num_points=4, num_noises=2)
+    assert remark_4_3(flat, thresholds)["ratio"] == {"high_weight": None, "low_weight": None}

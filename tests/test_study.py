@@ -1,91 +1,164 @@
-"""scripts/study.py: settings resolution (fast) and the whole study end to end at toy sizes, resumed (slow)."""
+"""scripts/study/: settings, configs and the ledger (fast); the whole tiny study killed mid-way with SIGKILL and
+resumed, then read back (slow)."""
 
-import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+
+from calmwild.commands import load_datamodule
+from study import main as study_main
+from study.configs import ARMS, Configs, Model, band_sampler
+from study.lanes import Ledger
+from study.settings import paper_buffer_margin, parse_args, resolve_settings
+from study.stages import Study
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("study", ROOT / "scripts" / "study.py")
-study = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(study)
-
-STAGES = ("geometry", "train_small", "train_large", "train_gap", "train_reweighted", "per_sigma", "swap",
-          "mitigation", "risk", "report")
 
 
-def test_presets_and_size_flags():
-    quick = study.resolve_settings(study.parse_args(["--quick"]))
-    assert quick["mode"] == "quick" and quick["dataset"] == "digits" and quick["small_n"] == 32
-    custom = study.resolve_settings(study.parse_args(["--tiny", "--steps", "40", "--eval-every", "20"]))
-    assert custom["steps"] == 40 and custom["eval_every"] == 20
+def settings(*argv: str) -> dict:
+    return resolve_settings(parse_args(list(argv)))
 
 
-def test_bad_sizes_are_refused():
-    with pytest.raises(ValueError, match="multiple of --eval-every"):
-        study.resolve_settings(study.parse_args(["--tiny", "--steps", "50", "--eval-every", "20"]))
-    with pytest.raises(ValueError, match="exceeds the small training set"):
-        study.resolve_settings(study.parse_args(["--tiny", "--batch-size", "64"]))
-    with pytest.raises(ValueError, match="--reweight-factor"):
-        study.resolve_settings(study.parse_args(["--tiny", "--reweight-factor", "2"]))
+def test_modes_and_flags():
+    quick = settings("--quick")
+    assert quick["mode"] == "quick" and quick["sizes"] == [16, 32, 64, 128] and len(quick["seeds"]) >= 3
+    assert quick["gap_margin"] == pytest.approx(paper_buffer_margin()) and quick["fid_feature"] == "random"
+    standard = settings()
+    assert standard["mode"] == "standard" and len(standard["seeds"]) >= 3 and standard["steps"] > quick["steps"]
+    custom = settings("--tiny", "--steps", "40", "--eval-every", "20", "--sizes", "8", "24", "--seeds", "3", "4")
+    assert (custom["steps"], custom["sizes"], custom["seeds"]) == (40, [8, 24], [3, 4])
 
 
-def test_cifar10_falls_back_to_digits_with_a_message(tmp_path, capsys):
-    settings = study.resolve_settings(study.parse_args(["--dataset", "cifar10", "--data-root", str(tmp_path)]))
-    assert settings["dataset"] == "digits" and settings["mode"] == "full"
-    assert "CIFAR-10 not found" in capsys.readouterr().out
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for name in study.CIFAR10_FILES:
-        (folder / name).write_bytes(b"")
-    settings = study.resolve_settings(study.parse_args(["--dataset", "cifar10", "--data-root", str(tmp_path)]))
-    assert settings["dataset"] == "cifar10" and settings["small_n"] == 1000 and settings["large_n"] == 50_000
-    quick = study.resolve_settings(study.parse_args(["--quick", "--dataset", "cifar10", "--data-root", str(tmp_path)]))
-    assert quick["dataset"] == "digits" and "uses the embedded digits" in capsys.readouterr().out
+@pytest.mark.parametrize("argv, message", [
+    (["--tiny", "--steps", "50", "--eval-every", "20"], "multiple of --eval-every"),
+    (["--tiny", "--seeds", "1"], "at least two distinct"),
+    (["--tiny", "--sizes", "32", "16"], "increasing sizes"),
+    (["--tiny", "--gap-margin", "0.5"], "--gap-margin"),
+    (["--tiny", "--reweight-factor", "2"], "--reweight-factor"),
+    (["--dataset", "cifar10"], "needs --data-root"),
+    (["--quick", "--dataset", "celeba", "--data-root", "."], "drop --quick"),
+])
+def test_bad_settings_are_refused_in_one_line(argv, message):
+    with pytest.raises(ValueError, match=message):
+        settings(*argv)
+
+
+def test_paper_data_must_be_on_disk(tmp_path):
+    with pytest.raises(ValueError, match="cifar-10-batches-py is missing"):
+        settings("--dataset", "cifar10", "--data-root", str(tmp_path))
+    with pytest.raises(ValueError, match="no celeba/ folder"):
+        settings("--dataset", "celeba", "--data-root", str(tmp_path))
+    (tmp_path / "celeba").mkdir()
+    celeba = settings("--dataset", "celeba", "--data-root", str(tmp_path))
+    assert celeba["sizes"][0] <= 1024 <= celeba["sizes"][-1] and celeba["fid_feature"] == "inception"
+
+
+def test_configs_carry_the_arm_size_seed_and_budget(tmp_path):
+    s = settings("--tiny")
+    configs = Configs(tmp_path, s)
+    gap = band_sampler(configs.base_sampler(), "Gap", [0.5, 2.0])
+    path = configs.write(Model("gap", 16, 1), gap)
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["seed_everything"] == 1 and cfg["trainer"]["max_steps"] == s["steps"]
+    assert cfg["data"]["init_args"]["num_train"] == 16 and cfg["data"]["init_args"]["batch_size"] == s["batch_size"]
+    assert cfg["model"]["sigma_sampler"]["init_args"]["bands"] == [[0.5, 2.0]]
+    assert cfg["model"]["backbone"]["init_args"]["model_channels"] == s["model_channels"]
+    dummy = yaml.safe_load(configs.write(Model("dummy", 8, 0)).read_text())
+    assert dummy["data"]["class_path"] == "calmwild.data.DummyClassDataModule"
+    assert dummy["model"]["backbone"]["init_args"]["num_classes"] == 2 and dummy["model"]["sample_class"] == 0
+    datamodule = load_datamodule(str(configs.path(Model("dummy", 8, 0))))
+    assert datamodule.train_images.shape[0] == 8 and datamodule.served_images.shape[0] == 16
+    assert set(ARMS) == {"baseline", "gap", "reweighted", "dummy", "placebo_below", "placebo_above"}
+
+
+def test_a_fit_resumes_from_its_run_and_a_finished_run_is_not_refit(tmp_path):
+    s = settings("--tiny")
+    study = Study(tmp_path, s, "cpu", lanes=None)
+    model = Model("baseline", 8, 0)
+    config = study.configs.write(model)
+    assert study._fit_command(model, config) == ["fit", "--config", str(config)]
+    checkpoints = study.configs.root(model) / "run-20260101-000000-abcdef" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save({"global_step": s["steps"] // 2}, checkpoints / "last.ckpt")
+    assert study._fit_command(model, config) == ["fit", "--config", str(config), "--ckpt_path",
+                                                 str(checkpoints / "last.ckpt")]
+    torch.save({"global_step": s["steps"]}, checkpoints / "last.ckpt")
+    assert study._fit_command(model, config) is None
+
+
+def test_the_ledger_reads_back_finished_units_unless_a_dependency_ran(tmp_path):
+    ledger = Ledger(tmp_path)
+    calls = []
+    first = ledger.step("a", (), lambda: calls.append("a") or {"value": float("inf"), "list": (1, 2)})
+    assert first == {"value": None, "list": [1, 2]}  # as a later invocation reads it back
+    again = Ledger(tmp_path)
+    assert again.step("a", (), lambda: calls.append("a again") or {}) == first and calls == ["a"]
+    assert again.status["a"] == "done earlier"
+    again.step("b", (), lambda: {"b": 1})
+    assert again.cached("a", deps=("b",)) is None  # b ran in this invocation: a must run again
+
+
+def _markers(out: Path) -> set[str]:
+    return {p.stem for p in (out / "stages").glob("*.json")}
 
 
 @pytest.mark.slow
-def test_tiny_study_end_to_end_and_resume(tmp_path):
+def test_tiny_study_killed_mid_way_resumes_and_reports(tmp_path):
     out = tmp_path / "study"
-    first = study.main(["--tiny", "--out", str(out)])
-    assert first["status"] == {name: "ran" for name in STAGES}
+    argv = ["--tiny", "--out", str(out), "--jobs", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "study.py"), *argv], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not any(name.startswith("gap_") for name in _markers(out)) and time.monotonic() < deadline:
+        assert process.poll() is None, "the study ended before it could be interrupted"
+        time.sleep(0.5)
+    os.kill(process.pid, signal.SIGKILL)  # the study's process only: its workers must die with it
+    process.wait(timeout=30)
+    before = _markers(out)
+    assert "regime" in before and not any(name.startswith("risk") for name in before)
+
+    result = study_main.main(argv)
+    assert all(status == "done earlier" for name, status in result["status"].items() if name in before)
+    ran = {name for name, status in result["status"].items() if status == "ran"}
+    assert ran and not ran & before and any(name.startswith(("gap_", "dummy_", "placebo_")) for name in ran)
 
     report = json.loads((out / "report.json").read_text())
-    assert [c["id"] for c in report["claims"]] == ["medium_sigma", "swap", "gap", "danger_zone", "risk"]
-    assert all(c["status"] in ("reproduced", "partly", "not reproduced") for c in report["claims"])
-    assert set(report["timings"]) == set(STAGES[:-1])
+    claims = [v["id"] for v in report["verdicts"]]
+    assert claims == ["gap_mitigates", "gap_beats_placebo", "gap_quality", "zone_concentration", "swap_steps",
+                      "swap_zone", "risk", "remark_4_3"]
+    assert all(v["status"] in ("reproduced", "not reproduced", "inconclusive") and v["criterion"]
+               for v in report["verdicts"])
+    results = report["results"]
+    n_star = results["regime"]["n_star"]
+    assert n_star in [int(n) for n in results["regime"]["sizes"]]
+    assert set(results["arms"]) >= {"baseline", "gap", "reweighted", "dummy", "placebo_below"}
+    for arm in results["arms"].values():
+        assert [m["model"]["seed"] for m in arm["models"]] == [0, 1]
+        assert all(m["model"]["num_train"] == n_star for m in arm["models"])
+    geometry = results["geometry"]
+    assert geometry["gap_band"][0] == pytest.approx(geometry["zone"][0] / geometry["margin"])
+    assert geometry["placebos"]["below"]["mass"] == pytest.approx(geometry["gap_mass"], rel=1e-6)
+    swap = results["swap"]["table"]
+    assert set(swap["memorizing"]) == {"none", "steps_large", "steps_medium", "steps_small", "zone_below",
+                                       "zone_zone", "zone_above"}
+    assert all(len(cell["memorized"]) == 2 * 16 for cell in swap["memorizing"].values())
     text = (out / "report.md").read_text()
-    for needle in ("## Claims", "Frechet distance", "RandomConvFeatures", "| seeded random score", "## Timings",
-                   "calmwild fit --config"):
-        assert needle in text
-    for image in ("geometry/geometry.png", "figures/per_sigma.png", "figures/memorization_vs_steps.png",
-                  "figures/mitigation.png", "figures/risk.png", "geometry/risk.png"):
-        assert (out / image).stat().st_size > 0 and f"]({image})" in text
-    history = report["results"]["train"]["small"]["history"]
-    assert [h["step"] for h in history] == [100, 200, 300]
-    swap = report["results"]["swap"]["table"]
-    assert set(swap) == {"small_with_large", "large_with_small"}
-    assert set(swap["small_with_large"]) == {"none", "large", "medium", "small"}
-    random = report["results"]["risk"]["final"]["random"]
-    assert random["auroc_expected"] == 0.5 and random["num"] == 8
+    for figure in report["figures"].values():
+        assert (out / figure).stat().st_size > 0 and f"]({figure})" in text
+    assert "calmwild fit --config" in text and "calmwild swap --base" in text and "## Verdicts" in text
+    assert len(json.loads((out / "invocations.json").read_text())) == 1  # the killed one never reached its report
 
-    # A second invocation finds every stage done and skips it.
-    second = study.main(["--tiny", "--out", str(out)])
-    assert second["status"] == {name: "skipped (done earlier)" for name in STAGES}
-    assert second["seconds"] == first["seconds"]
-
-    # Without its marker, a training stage resumes its run from last.ckpt (no new run directory), and the stages
-    # that depend on it run again; the others stay skipped.
-    run_dir = report["results"]["train"]["small"]["run_dir"]
-    (out / "stages" / "train_small.json").unlink()
-    third = study.main(["--tiny", "--out", str(out)])
-    assert {name for name, status in third["status"].items() if status == "ran"} == {
-        "train_small", "per_sigma", "swap", "mitigation", "risk", "report"}
-    assert [p.name for p in (out / "train" / "small").glob("run-*")] == [Path(run_dir).name]
-    again = json.loads((out / "stages" / "train_small.json").read_text())["result"]
-    assert again["run_dir"] == run_dir and again["history"] == history
-
-    # Other settings into the same directory are refused.
+    third = study_main.main(argv)  # everything done: read back, the same verdicts
+    assert set(third["status"].values()) == {"done earlier"}
+    assert third["verdicts"] == result["verdicts"]
     with pytest.raises(SystemExit, match="other settings"):
-        study.main(["--tiny", "--out", str(out), "--steps", "200"])
+        study_main.main([*argv, "--steps", "60"])

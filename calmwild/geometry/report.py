@@ -21,7 +21,7 @@ from calmwild.geometry.risk import PRIMARY_SCORE, danger_zone_bandwidth, risk_sc
 from calmwild.geometry.shells import (CoverageBounds, CoverageCurve, coverage_bounds, shell_coverage,
                                       shell_probability_bound, shell_radii)
 from calmwild.geometry.weights import (ConcentrationThresholds, WeightCurves, concentration_thresholds,
-                                       posterior_weight_curves)
+                                       posterior_weight_curves, remark_4_3)
 from calmwild.geometry.zone import DangerZone, danger_zone
 from calmwild.io import enlarge, image_grid, save_figure, save_png, write_json
 from calmwild.neighbors import flatten
@@ -45,6 +45,7 @@ GEOMETRY_KEYS = (
     "coverage_bounds",
     "thresholds",
     "danger_zone",
+    "remark_4_3",
 )
 
 
@@ -59,7 +60,8 @@ class GeometryResult:
     - ``max_weight``, ``self_weight``, ``coverage``: {mean, se} per sigma;
     - ``coverage_bounds``: {lower: {mean, se}, upper: {mean, se, uncapped}} (Theorem 4.8);
     - ``thresholds``: Theorem 4.2 per point and summary, plus ``timesteps`` of the mean thresholds;
-    - ``danger_zone``: see :class:`DangerZone`.
+    - ``danger_zone``: see :class:`DangerZone`;
+    - ``remark_4_3``: the thresholds against the max-weight curve (:func:`calmwild.geometry.weights.remark_4_3`).
     Non-finite numbers become null in JSON.
     """
 
@@ -91,6 +93,7 @@ class GeometryResult:
             "coverage_bounds": self.bounds.to_dict(),
             "thresholds": thresholds,
             "danger_zone": self.danger.to_dict(),
+            "remark_4_3": remark_4_3(self.weights, self.thresholds),
         }
 
 

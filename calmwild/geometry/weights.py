@@ -1,5 +1,5 @@
 """Posterior concentration (paper Section 4.1): the expected maximum and self posterior weight along the noise
-schedule (Def. 4.1, Fig. 7) and Theorem 4.2's per-point noise thresholds.
+schedule (Def. 4.1, Fig. 7), Theorem 4.2's per-point noise thresholds, and Remark 4.3's comparison of the two.
 
 Notation: training set Y = {y_1..y_N} in R^d, noise n ~ N(0, I_d), noise level sigma, posterior weights
 w_i(x, sigma) = softmax_i(-||x - y_i||^2 / (2 sigma^2)) (paper eq. 3).
@@ -17,6 +17,7 @@ from scipy.stats import norm
 from tqdm.auto import tqdm
 
 from calmwild.checks import check_count, check_sigmas
+from calmwild.geometry.zone import level_crossings
 from calmwild.geometry.noise import as_points, cluster_mean_se, noisy_copies, pair_distances, seeded_generator
 from calmwild.neighbors import knn, squared_distances
 from calmwild.posterior import posterior_summary
@@ -220,3 +221,31 @@ def concentration_thresholds(
         upper_reason=reason,
         summary={"sigma_lo": _summary(sigma_lo), "sigma_hi": _summary(sigma_hi)},
     )
+
+
+def _falling_through(sigmas: torch.Tensor, curve: torch.Tensor, level: float) -> float | None:
+    """The largest sigma where ``curve`` (over ascending ``sigmas``, linear in log sigma between grid points) falls
+    from at-or-above ``level`` to below it; None when it never does on the grid."""
+    u = torch.log(sigmas.double()).numpy()
+    falls = [point for point, direction in level_crossings(u, curve.double().numpy(), level) if direction < 0]
+    return math.exp(max(falls)) if falls else None
+
+
+def remark_4_3(curves: WeightCurves, thresholds: ConcentrationThresholds) -> dict[str, Any]:
+    """Remark 4.3: Theorem 4.2's thresholds against the max-weight curve, which the paper says "compare well".
+
+    With eps the thresholds' level: ``curve_sigma`` gives the sigma where the expected max weight m(sigma)
+    (Def. 4.1) falls through 1 - eps (``high_weight``) and through eps (``low_weight``); ``threshold_sigma`` the
+    median over the selected training points of sigma_lo (below it w_1 >= 1 - eps) and sigma_hi (above it
+    w_1 <= eps); ``ratio`` = threshold / curve for each (None where either is missing). Theorem 4.2 is a bound
+    holding with probability 1 - delta, so sigma_lo is expected below its crossing and sigma_hi above it."""
+    order = torch.argsort(curves.sigmas)
+    sigmas, weight = curves.sigmas[order], curves.max_weight[order]
+    eps = thresholds.eps
+    curve = {"high_weight": _falling_through(sigmas, weight, 1 - eps), "low_weight": _falling_through(sigmas, weight,
+                                                                                                     eps)}
+    median = {"high_weight": thresholds.summary["sigma_lo"].get("median"),
+              "low_weight": thresholds.summary["sigma_hi"].get("median")}
+    ratio = {key: None if curve[key] is None or median[key] is None else median[key] / curve[key] for key in curve}
+    return {"eps": eps, "levels": {"high_weight": 1 - eps, "low_weight": eps}, "curve_sigma": curve,
+            "threshold_sigma": median, "ratio": ratio, "num_points": int(thresholds.indices.numel())}

@@ -13,13 +13,16 @@ import numpy as np
 import torch
 
 from calmwild.checks import check_choice, check_sigmas
-from calmwild.schedule import sigma_to_timestep
+from calmwild.schedule import sigma_to_timestep, timestep_to_sigma
 
 CROSSING_MIN_MARGIN = 1.5  # an empty zone falls back to at least [c / 1.5, c * 1.5] around the crossing c
 IF_EMPTY = ("error", "crossing")
+# Section 5, grayscale CelebA: the danger zone read off Fig. 5 and the gap trained around it, in DDPM timesteps.
+PAPER_ZONE_TIMESTEPS = (125, 325)
+PAPER_GAP_TIMESTEPS = (100, 350)
 
 
-def _crossings(u: np.ndarray, values: np.ndarray, level: float) -> list[tuple[float, int]]:
+def level_crossings(u: np.ndarray, values: np.ndarray, level: float) -> list[tuple[float, int]]:
     """Points where the piecewise-linear curve (u, values) crosses ``level``: (u*, direction) with direction +1 when
     the curve goes from below to at-or-above the level with increasing u, -1 for the reverse."""
     out = []
@@ -113,7 +116,7 @@ def danger_zone(
         raise ValueError(f"sigmas must be distinct, got {sig.tolist()}")
     u, w, c = np.log(sig[order]), w[order], c[order]
 
-    w_cross, c_cross = _crossings(u, w, weight_level), _crossings(u, c, coverage_level)
+    w_cross, c_cross = level_crossings(u, w, weight_level), level_crossings(u, c, coverage_level)
     breaks = np.unique(np.concatenate([u, [p for p, _ in w_cross], [p for p, _ in c_cross]]))
     mids = 0.5 * (breaks[:-1] + breaks[1:])
     good = (np.interp(mids, u, w) >= weight_level) & (np.interp(mids, u, c) >= coverage_level)
@@ -125,7 +128,7 @@ def danger_zone(
             intervals.append((float(breaks[k]), float(breaks[k + 1])))
     band = max(intervals, key=lambda iv: iv[1] - iv[0]) if intervals else None
 
-    diff_cross = _crossings(u, w - c, 0.0)
+    diff_cross = level_crossings(u, w - c, 0.0)
     falling = [p for p, direction in diff_cross if direction < 0] or [p for p, _ in diff_cross]
     crossing_u = max(falling, key=lambda p: float(np.interp(p, u, w))) if falling else None
     joint_u = np.concatenate([u, [p for p, _ in diff_cross]])
@@ -148,6 +151,16 @@ def danger_zone(
         coverage_level=float(coverage_level),
         ddpm={"T": int(T), "beta_start": float(beta_start), "beta_end": float(beta_end)},
     )
+
+
+def paper_buffer_margin(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:
+    """The paper's buffer around a danger zone as one :func:`gap_band` margin: Section 5 removes DDPM timesteps
+    [100, 350] around the CelebA zone [125, 325]; in sigma that widens the zone by sigma_125 / sigma_100 below and
+    sigma_350 / sigma_325 above (about 1.26 and 1.13 on the linear-beta schedule), and the margin is their geometric
+    mean sqrt(sigma_125 sigma_350 / (sigma_100 sigma_325)), about 1.19."""
+    (gap_lo, gap_hi), (zone_lo, zone_hi) = PAPER_GAP_TIMESTEPS, PAPER_ZONE_TIMESTEPS
+    sigma = {t: float(timestep_to_sigma(t, T, beta_start, beta_end)) for t in (gap_lo, gap_hi, zone_lo, zone_hi)}
+    return math.sqrt(sigma[zone_lo] / sigma[gap_lo] * sigma[gap_hi] / sigma[zone_hi])
 
 
 def check_gap_options(margin: float, if_empty: str) -> None:

@@ -152,9 +152,12 @@ def gap_mitigates(baseline: Sequence[float], gap: Sequence[float]) -> Verdict:
         status = NOT_REPRODUCED
     else:
         status = INCONCLUSIVE
-    evidence = (f"baseline {pct(base_mean)}, gap {pct(_mean(gap))} (means over {len(baseline)} and {len(gap)} "
-                f"seeds); baseline - gap {interval_text(diff)}, a cut of {pct(cut)} of the baseline "
-                f"(needed: {pct(needed)} points, i.e. {GAP_RELATIVE_CUT:.0%})")
+    if base_mean == 0:
+        evidence = f"the baseline memorizes nothing ({len(baseline)} seeds): nothing to mitigate"
+    else:
+        evidence = (f"baseline {pct(base_mean)}, gap {pct(_mean(gap))} (means over {len(baseline)} and {len(gap)} "
+                    f"seeds); baseline - gap {interval_text(diff)}, a cut of {pct(cut)} of the baseline "
+                    f"(needed: {pct(needed)} points, i.e. {GAP_RELATIVE_CUT:.0%})")
     return Verdict("gap_mitigates", status, evidence,
                    {"difference": diff.as_dict(), "relative_cut": cut, "needed_difference": needed})
 
