@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 from calmwild.checks import check_count
 from calmwild.evaluation import Gather, shard_bounds
@@ -44,11 +45,18 @@ from calmwild.settings import SamplingSettings
 from callbacks.interrupt import interrupt_pending
 from callbacks.sharding import DEVICE_CACHE, SHARED_SAMPLES, gather_rows
 
+PHASE_FIT_START = "fit_start"
 PHASE_BATCH_END = "train_batch_end"
 PHASE_TRAIN_END = "train_end"
 PHASE_VALIDATE = "validate"
 PHASE_TEST = "test"
 EVALUATED_STAGES = ("fit", PHASE_VALIDATE, PHASE_TEST)
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    """The headline metrics of an evaluation for the console (not the per-sigma series)."""
+    shown = [f"{key} {value:.4g}" for key, value in metrics.items() if "/sigma_" not in key][:4]
+    return f": {', '.join(shown)}" if shown else ""
 
 
 class Curve(NamedTuple):
@@ -212,6 +220,8 @@ class EvaluationCallback(Callback):
         ctx = Context(evaluated_step(trainer, pl_module), phase, trainer.global_rank, trainer.world_size,
                       pl_module.device)
         modes = [(module, module.training) for module in pl_module.modules()]
+        if trainer.is_global_zero:
+            tqdm.write(f"calmwild: step {ctx.step}, {self.name} ...")
         start = time.perf_counter()
         try:
             pl_module.eval()
@@ -223,6 +233,7 @@ class EvaluationCallback(Callback):
         seconds = time.perf_counter() - start
         self.last_step = ctx.step
         if trainer.is_global_zero and result is not None:
+            tqdm.write(f"calmwild: step {ctx.step}, {self.name} done in {seconds:.1f} s{_brief(result.metrics)}")
             self.history.append({"step": ctx.step, "phase": phase, "seconds": seconds, **result.metrics})
             for key, curve in (result.curves or {}).items():
                 self.curve_rows.setdefault(key, []).extend(
@@ -254,9 +265,9 @@ class EvaluationCallback(Callback):
         """The metrics, on every rank, through Lightning's own ``log`` (not sent to the loggers again): they land in
         ``trainer.callback_metrics`` at the step they were computed, where ``ModelCheckpoint(monitor=...)`` and
         ``EarlyStopping(monitor=...)`` read them (checkpoint callbacks run after the others in the same hook).
-        Lightning refuses ``log`` at the end of training, where no callback would read it anyway. In ``validate`` and
-        ``test`` they are the epoch's results Lightning prints and returns."""
-        if phase == PHASE_TRAIN_END:
+        Lightning refuses ``log`` when a fit starts and ends, where no callback would read it anyway. In ``validate``
+        and ``test`` they are the epoch's results Lightning prints and returns."""
+        if phase in (PHASE_FIT_START, PHASE_TRAIN_END):
             return
         for key, value in metrics.items():
             pl_module.log(key, float(value), logger=False, on_step=phase == PHASE_BATCH_END,
@@ -289,10 +300,11 @@ class EvaluationCallback(Callback):
         if stop <= start:
             return torch.empty(shape)
         numbers = (sampling.seed, sampling.steps, sampling.solver, sampling.s_churn, sampling.precision)
+        label = f"calmwild: step {ctx.step}, sampling for the evaluations" if trainer.is_global_zero else False
         return SHARED_SAMPLES.get(
             trainer, (ctx.step, ctx.phase), numbers, start, stop,
             lambda: pl_module.sample(stop - start, **{**sampling.generate_kwargs(), "seed": sampling.seed + start},
-                                     precision=sampling.precision).cpu(),
+                                     precision=sampling.precision, progress=label).cpu(),
         )
 
     def output_dir(self, trainer: Trainer) -> Path:

@@ -19,14 +19,15 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from calmwild.checks import check_count
-from calmwild.io import atomic_write, enlarge, image_grid, save_png, write_json
+from calmwild.grids import render, samples_figure
+from calmwild.io import atomic_write, save_png, write_json
 from calmwild.settings import SamplingSettings
 from callbacks.base import evaluated_step
 
 SAMPLES_FILE = "samples.pt"
 GRID_FILE = "samples.png"
 SUMMARY_FILE = "samples.json"
-GRID_LIMIT = 256
+GRID_LIMIT = 64
 
 
 class SampleWriter(BasePredictionWriter):
@@ -71,7 +72,8 @@ class SampleWriter(BasePredictionWriter):
     def _write(self, out: Path, index: torch.Tensor, samples: torch.Tensor, step: int) -> dict[str, Any]:
         content = {"index": index, "samples": samples.contiguous(), "step": step, "sampling": self.sampling.to_dict()}
         atomic_write(out / SAMPLES_FILE, lambda handle: torch.save(content, handle))
-        save_png(image_grid(enlarge(samples[:GRID_LIMIT], min_side=48)), out / GRID_FILE)
+        save_png(render(samples_figure(samples, f"Samples of the checkpoint at step {step}", GRID_LIMIT)),
+                 out / GRID_FILE)
         summary = {"num_samples": int(index.numel()), "step": step, "image_shape": list(samples.shape[1:]),
                    "sampling": self.sampling.to_dict(), "files": {"samples": SAMPLES_FILE, "grid": GRID_FILE},
                    "grid_samples": min(GRID_LIMIT, int(index.numel()))}

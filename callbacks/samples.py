@@ -219,10 +219,10 @@ def _plot_quality_history(history: list[dict[str, Any]], num_samples: int, featu
 
 
 class SampleGrid(_RatioTestCallback):
-    """A grid of EMA samples beside their nearest training images, memorized pairs (d1/d2 < threshold) framed in
-    yellow (:func:`calmwild.io.pair_grid`). Written as the step's PNG and logged as an image (W&B ``log_image``,
-    TensorBoard ``add_image``) under ``samples/nearest_pairs``; the JSON lists each sample's ratio, nearest training
-    index and flag.
+    """A grid of EMA samples above their nearest training images, each titled with its d1/d2, memorized pairs
+    (d1/d2 < threshold) in red (:func:`calmwild.grids.pairs_figure`). Written as the step's PNG and logged as an
+    image (W&B ``log_image``, TensorBoard ``add_image``) under ``samples/nearest_pairs``; the JSON lists each
+    sample's ratio, nearest training index and flag.
 
     Args:
         num_samples: samples in the grid.
@@ -248,5 +248,6 @@ class SampleGrid(_RatioTestCallback):
         record = {"samples": {"num_samples": self.num_samples, "num_memorized": int(tests.memorized.sum()),
                               "ratio": tests.ratio, "nearest_index": tests.nearest_index,
                               "memorized": tests.memorized}}
-        grid = nearest_pairs_grid(samples, trainer.datamodule.train_images, tests, max_pairs=self.num_samples)
+        grid = nearest_pairs_grid(samples, trainer.datamodule.train_images, tests,
+                                  f"EMA samples at step {ctx.step}", max_pairs=self.num_samples)
         return Evaluation({}, record, image=grid, image_key="samples/nearest_pairs")

@@ -33,7 +33,7 @@ from calmwild.denoisers import (
     load_denoiser,
 )
 from calmwild.checks import check_count, check_threshold
-from calmwild.io import (atomic_write, check_output_dir, image_grid, prepare_output_dir, read_json, save_figure,
+from calmwild.io import (atomic_write, check_output_dir, prepare_output_dir, read_json, save_figure,
                          save_png, write_json)
 from calmwild.memorization.early_filter import EarlyRejectionSettings, sample_rejecting_early
 from calmwild.memorization.ratio import RATIO_THRESHOLD, trajectory_memorization
@@ -131,12 +131,15 @@ def _report_samples(drawn: tuple[torch.Tensor, float, dict], shape: tuple[int, i
                     datamodule: DataModule | None, out: Path, settings: dict, threshold: float) -> dict:
     """Writes the samples of :func:`_draw_samples` (tensor + grid) and, with data, their trajectory memorization
     (ratio test) with its Wilson interval."""
+    from calmwild.grids import render, samples_figure
+
     samples, seconds, extra = drawn
     num = int(samples.shape[0])
     report: dict[str, Any] = {**settings, "num_samples": num, "image_shape": list(shape), "sampling_seconds": seconds,
                               **extra}
     atomic_write(out / "samples.pt", lambda handle: torch.save(samples, handle))
-    save_png(image_grid(samples[:256]), out / "samples.png")
+    save_png(render(samples_figure(samples, f"calmwild {settings['command']}: samples (seed {settings['seed']})")),
+             out / "samples.png")
     report["files"] = {"samples": "samples.pt", "grid": "samples.png"}
     if datamodule is not None and num > 0:
         train = datamodule.train_images
@@ -151,7 +154,8 @@ def _report_samples(drawn: tuple[torch.Tensor, float, dict], shape: tuple[int, i
             "num_memorized": memorized,
             "train_size": int(train.shape[0]),
         }
-        save_png(nearest_pairs_grid(samples, train, result), out / "nearest_pairs.png")
+        save_png(nearest_pairs_grid(samples, train, result, f"calmwild {settings['command']}: samples against the "
+                                    f"{train.shape[0]} training images"), out / "nearest_pairs.png")
         report["files"]["nearest_pairs"] = "nearest_pairs.png"
         write_json({"ratio": result.ratio, "nearest_index": result.nearest_index, "memorized": result.memorized},
                    out / "per_sample.json")

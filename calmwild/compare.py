@@ -23,7 +23,9 @@ from calmwild.stats import Interval, wilson_interval
 RATE_KEY = "traj_mem/rate"
 QUALITY_KEYS = ("fid/value", "kid/value")
 COMPARED = ("traj_mem/rate", "mem/peak_rate", "fid/value", "kid/value")
-SUMMARISED = (*COMPARED, "mem/peak_sigma")  # read from the histories: the compared metrics and where the peak is
+ZONE_KEYS = ("zone/sigma_low", "zone/sigma_high")  # the danger zone, logged by callbacks.DangerZone
+SUMMARISED = (*COMPARED, "mem/peak_sigma", *ZONE_KEYS)  # read from the histories: the compared metrics, where the
+# per-sigma peak is and the danger zone
 
 
 @dataclass
@@ -124,11 +126,18 @@ def summary_lines(run: RunResults) -> list[str]:
         if bounds:
             interval = f" [95% {100 * bounds.low:.1f}, {100 * bounds.high:.1f}] of {bounds.count} samples"
         lines.append(f"trajectory memorization {100 * rate:.1f}%{interval} at step {step}")
+    zone = [run.final(key) for key in ZONE_KEYS]
+    zone = (zone[0][1], zone[1][1]) if all(zone) else None
     if run.final("mem/peak_rate"):
         step, peak = run.final("mem/peak_rate")
         where = run.final("mem/peak_sigma")
         at = f" at sigma {where[1]:.3g}" if where and where[0] == step and peak > 0 else " (nothing memorized)"
+        if zone and where and where[0] == step and peak > 0:
+            at += (", inside the danger zone" if zone[0] <= where[1] <= zone[1] else
+                   ", below the danger zone" if where[1] < zone[0] else ", above the danger zone")
         lines.append(f"per-sigma memorization peak {100 * peak:.1f}%{at}")
+    if zone:
+        lines.append(f"danger zone sigma {zone[0]:.3g}-{zone[1]:.3g} (from the training data alone, before training)")
     for key, name in (("fid/value", "FID"), ("kid/value", "KID")):
         if run.final(key):
             step, value = run.final(key)

@@ -226,7 +226,8 @@ def evaluate_denoiser(
 
     save_figure(mse.figure, out / PLOT_FILES["per_sigma_mse"])
     save_figure(mem.figure, out / PLOT_FILES["per_sigma_memorization"])
-    save_png(nearest_pairs_grid(samples, train, tests), out / PLOT_FILES["nearest_pairs"])
+    save_png(nearest_pairs_grid(samples, train, tests, f"{num_samples} samples (seed {sampling.seed}) of the denoiser "
+                                f"against its {train.shape[0]} training images"), out / PLOT_FILES["nearest_pairs"])
     save_figure(traj.figure, out / PLOT_FILES["trajectory_ratios"])
     write_json({"ratio": tests.ratio, "nearest_index": tests.nearest_index, "memorized": tests.memorized},
                out / PER_SAMPLE_FILE)

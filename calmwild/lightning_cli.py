@@ -224,7 +224,8 @@ class CalmwildCLI(LightningCLI):
             return
         self._check_wandb(cfg)
         config_files = _as_list(cfg.get("config"))
-        self.run_name = Path(str(config_files[-1])).stem if config_files else "default"
+        self.config_file = Path(str(config_files[-1])) if config_files else None
+        self.run_name = self.config_file.stem if self.config_file else "default"
         root = Path(cfg.trainer.default_root_dir or f"runs/{self.run_name}")
         if self.subcommand in EVALUATION_SUBCOMMANDS:
             self._prepare_evaluation(cfg, root)
@@ -554,7 +555,34 @@ class CalmwildCLI(LightningCLI):
             lines += [f"  {line}" for line in summary_lines(read_run(run_dir))]
         except ValueError:  # no evaluation callbacks configured
             pass
+        suggestion = next_command(getattr(self, "config_file", None), run_dir)
+        if suggestion:
+            lines.append(f"next: {suggestion}")
         print("\n".join(lines), flush=True)
+
+
+GAP_SUFFIX = "_gap"  # configs/<name>_gap.yaml: <name>.yaml with its danger zone removed from training
+
+
+def next_command(config_file: Path | None, run_dir: Path) -> str | None:
+    """The one command worth running after a fit of ``config_file``: the gap run shipped beside it
+    (``<name>_gap.yaml``); for such a gap run, the comparison with the newest run of its baseline (or that baseline's
+    fit, when it has none yet); otherwise the danger zone of the data (``calmwild analyze``)."""
+    if config_file is None:
+        return None
+    gap = config_file.with_name(config_file.stem + GAP_SUFFIX + config_file.suffix)
+    if gap.is_file():
+        return (f"calmwild fit --config {gap}   (the same run with the danger zone removed from training; then "
+                f"calmwild compare {run_dir} <its run> --out <folder>)")
+    baseline = config_file.with_name(config_file.stem.removesuffix(GAP_SUFFIX) + config_file.suffix)
+    if config_file.stem.endswith(GAP_SUFFIX) and baseline.is_file():
+        try:
+            other = find_latest_run(run_dir.parent.parent / baseline.stem)
+        except FileNotFoundError:
+            return f"calmwild fit --config {baseline}   (the baseline this run removes the danger zone from)"
+        return (f"calmwild compare {other} {run_dir} --out {run_dir.parent / 'compare'}   (baseline against gap: "
+                "memorization and quality side by side)")
+    return f"calmwild analyze --data {config_file} --out {run_dir / 'analysis'}   (the danger zone of this data)"
 
 
 def lightning_main(args: list[str] | None, run: bool = True) -> CalmwildCLI:

@@ -405,9 +405,10 @@ class DiffusionModule(pl.LightningModule):
         """The EMA network as a data-space denoiser (eval mode, no grad, sampling class applied)."""
         return NetworkDenoiser(self.net_ema, class_label=self.hparams.sample_class, precision=precision)
 
-    def sample(self, num: int, seed: int = 0, batch_size: int = 256, progress: bool = False, precision: str = "fp32",
-               **sampler_kwargs: Any):
-        """``num`` images in [-1, 1] from the EMA network with EDM's sampler (per-image seeded noise)."""
+    def sample(self, num: int, seed: int = 0, batch_size: int = 256, progress: bool | str = False,
+               precision: str = "fp32", **sampler_kwargs: Any):
+        """``num`` images in [-1, 1] from the EMA network with EDM's sampler (per-image seeded noise); ``progress``
+        as :func:`calmwild.sampling.generate`'s (a string labels the bar)."""
         sampler_kwargs.setdefault("num_steps", self.hparams.sampler_steps)
         sampler_kwargs.setdefault("solver", self.hparams.sampler_solver)
         return generate(

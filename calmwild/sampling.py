@@ -11,7 +11,7 @@ x_hat = x_i + sqrt(t_hat^2 - t_i^2) * S_noise * eps.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -73,6 +73,7 @@ def edm_sampler(
     start_step: int = 0,
     stop_step: int | None = None,
     start_state: torch.Tensor | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> SamplerOutput:
     """Integrate the probability-flow ODE from ``noise`` (standard normal, [B, ...]) with EDM's Algorithm 2.
 
@@ -86,6 +87,7 @@ def edm_sampler(
     ``start_state``, the state at t_{start_step} (default t_0 * noise, which needs ``start_step`` 0). The result's
     ``samples`` is then the state at t_{stop_step}, kept in ``state_dtype`` so that running [0, k) and then [k, N)
     from it gives the full run's result exactly (without churn). Recorded trajectories cover the steps run.
+    ``on_step(done, total)`` is called after each step with the steps run so far and the steps to run (progress).
     """
     num_steps = check_count(num_steps, "num_steps")
     if solver not in SOLVERS:
@@ -136,6 +138,8 @@ def edm_sampler(
         if record:
             states.append(x.to("cpu", call_dtype))
             denoised_steps.append(d_hat.to("cpu", call_dtype))
+        if on_step is not None:
+            on_step(i + 1 - start_step, stop_step - start_step)
 
     return SamplerOutput(
         samples=x.to(call_dtype) if stop_step == num_steps else x,
@@ -173,6 +177,9 @@ def _noise_from(generators: list[torch.Generator], image_shape: Sequence[int]) -
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
+PROGRESS_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} img [{elapsed}<{remaining}]"
+
+
 def generate(
     denoiser: Denoiser,
     num: int,
@@ -180,7 +187,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
-    progress: bool = True,
+    progress: bool | str = True,
     record: bool = False,
     **sampler_kwargs,
 ) -> torch.Tensor | SamplerOutput:
@@ -190,6 +197,7 @@ def generate(
     same per-image generator, so every sample is independent of ``batch_size`` and of the other images. Sampling
     runs on ``device`` (the denoiser must accept inputs there). Returns the samples tensor, or with
     ``record=True`` a :class:`SamplerOutput` whose trajectories are concatenated over batches (dim 1).
+    ``progress``: a bar (labelled with the string, if one is given) that advances with every ODE step.
     """
     num, batch_size = check_count(num, "num"), check_count(batch_size, "batch_size")
     shape = tuple(image_shape)
@@ -199,11 +207,16 @@ def generate(
         raise ValueError("generate seeds its own per-image generators; pass `seed` instead of `generator`")
 
     outputs = []
-    with tqdm(total=num, unit="img", desc="sampling", disable=not progress) as bar:
+    label = progress if isinstance(progress, str) else "sampling"
+    with tqdm(total=num, desc=label, disable=not progress, bar_format=PROGRESS_FORMAT) as bar:
         for start in range(0, num, batch_size):
             indices = range(start, min(start + batch_size, num))
-            outputs.append(sample_indices(denoiser, indices, shape, seed, device, record=record, **sampler_kwargs))
-            bar.update(len(indices))
+
+            def advance(done: int, total: int, first: int = start, n: int = len(indices)) -> None:
+                bar.update(first + n * done / total - bar.n)  # after the batch's last step: exactly first + n
+
+            outputs.append(sample_indices(denoiser, indices, shape, seed, device, record=record, on_step=advance,
+                                          **sampler_kwargs))
 
     samples = torch.cat([out.samples.to("cpu", torch.float32) for out in outputs])
     if not record:

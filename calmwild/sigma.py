@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from calmwild.checks import check_count
-from calmwild.geometry.zone import check_gap_options, danger_zone, gap_band
+from calmwild.geometry.zone import check_gap_options, danger_zone, gap_band, paper_buffer_margin
 from calmwild.schedule import ddpm_sigmas, sigma_to_timestep, timestep_to_sigma
 from calmwild.settings import GeometrySettings
 
@@ -491,7 +491,8 @@ class DangerZoneGap(Gap):
         geometry: sizes and levels of the geometry estimate (:class:`calmwild.settings.GeometrySettings`; the
             weight curve uses ``num_points`` x ``num_noises``, the coverage ``num_queries`` x
             ``num_coverage_noises``, on ``num_levels`` noise levels).
-        margin: multiplicative widening of the band in sigma (band [a, b] becomes [a / margin, b * margin]), >= 1.
+        margin: multiplicative widening of the band in sigma (band [a, b] becomes [a / margin, b * margin]), >= 1;
+            ``paper``: the paper's buffer (:func:`calmwild.geometry.zone.paper_buffer_margin`, about 1.19).
         if_empty: ``error`` or ``crossing`` (see above).
     """
 
@@ -499,10 +500,12 @@ class DangerZoneGap(Gap):
         self,
         base: SigmaSampler,
         geometry: GeometrySettings = GeometrySettings(),
-        margin: float = 1.0,
+        margin: float | Literal["paper"] = 1.0,
         if_empty: Literal["error", "crossing"] = "error",
     ):
         _check_base(base, "sigma", 1000, 1e-4, 0.02)
+        if margin == "paper":
+            margin = paper_buffer_margin()
         check_gap_options(margin, if_empty)
         self.base = base
         self.is_discrete = base.is_discrete

@@ -25,7 +25,7 @@ def tiny_data(tmp_path_factory) -> str:
 
 def test_load_datamodule_accepts_fit_config_and_class_path():
     from_config = load_datamodule(DIGITS)
-    assert from_config.train_images.shape[1:] == (1, 16, 16)
+    assert from_config.train_images.shape == (64, 1, 8, 8)  # its data section is included from configs/digits/
     from_class = load_datamodule("calmwild.data.DigitsDataModule")
     assert isinstance(from_class, DigitsDataModule)
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -40,7 +40,7 @@ def test_sample_with_empirical_denoiser_memorizes(tmp_path):
     assert saved["num_samples"] == 12 and saved["memorization"]["num_memorized"] == 12
     for name in ("samples.pt", "samples.png", "nearest_pairs.png", "per_sample.json"):
         assert (tmp_path / "s" / name).is_file()
-    assert torch.load(tmp_path / "s" / "samples.pt").shape == (12, 1, 16, 16)
+    assert torch.load(tmp_path / "s" / "samples.pt").shape == (12, 1, 8, 8)
 
 
 def test_sample_in_bf16_records_the_precision_and_closed_forms_refuse_it(tmp_path, tiny_checkpoint):
@@ -105,9 +105,9 @@ def test_swap_in_bf16_runs_the_checkpoint_side_in_bf16_beside_a_closed_form_side
 
 
 def test_swap_refuses_mismatched_shapes(tmp_path, tiny_checkpoint):
-    with pytest.raises(ValueError, match="shape"):  # an 8x8 checkpoint beside 16x16 data
+    with pytest.raises(ValueError, match="shape"):  # an 8x8 checkpoint beside 16x16 data (the class's default)
         run(["swap", "--out", str(tmp_path / "y"), "--base", str(tiny_checkpoint), "--other", "empirical",
-             "--data", DIGITS, "--num", "2"])
+             "--data", "calmwild.data.DigitsDataModule", "--num", "2"])
 
 
 def test_analyze_writes_geometry_report(tmp_path):
@@ -140,11 +140,20 @@ def test_analyze_writes_geometry_report(tmp_path):
 HALF_SWAP = ["--ckpt", "gaussian", "--other", "empirical", "--band", "medium"]
 
 
-def test_early_detect_reports_auroc_per_step_against_the_zone(tmp_path):
+@pytest.fixture(scope="module")
+def digits300(tmp_path_factory) -> str:
+    """300 digits at 16x16: the data where the half swap above memorizes some samples and not others."""
+    path = tmp_path_factory.mktemp("digits300") / "data.yaml"
+    path.write_text(json.dumps({"class_path": "calmwild.data.DigitsDataModule",
+                                "init_args": {"num_train": 300, "num_heldout": 500, "resolution": 16}}))
+    return str(path)
+
+
+def test_early_detect_reports_auroc_per_step_against_the_zone(tmp_path, digits300):
     zone = tmp_path / "geometry.json"
     zone.write_text(json.dumps({"danger_zone": {"sigma": [0.43, 1.62]}}))
     out = tmp_path / "early"
-    report = run(["early-detect", "--out", str(out), "--data", DIGITS, *HALF_SWAP, "--num", "24",
+    report = run(["early-detect", "--out", str(out), "--data", digits300, *HALF_SWAP, "--num", "24",
                   "--seeds", "[0, 1000]", "--sampling.steps", "10", "--zone", str(zone)])
     saved = json.loads((out / "early_detection.json").read_text())
     assert (out / "early_detection.png").is_file() and saved["num_trajectories"] == 48
@@ -161,10 +170,10 @@ def test_early_detect_reports_auroc_per_step_against_the_zone(tmp_path):
         run(["early-detect", "--out", str(tmp_path / "z"), "--data", DIGITS, "--num", "4", "--zone", str(zone)])
 
 
-def test_swap_rejecting_memorized_samples_early_accounts_for_every_trajectory(tmp_path):
+def test_swap_rejecting_memorized_samples_early_accounts_for_every_trajectory(tmp_path, digits300):
     out = tmp_path / "filtered"
     report = run(["swap", "--out", str(out), "--base", "gaussian", "--other", "empirical", "--band", "medium",
-                  "--data", DIGITS, "--num", "12", "--reject_memorized_early", "true",
+                  "--data", digits300, "--num", "12", "--reject_memorized_early", "true",
                   "--early_rejection.calibration_num", "96", "--early_rejection.false_negative_rate", "0.1"])
     rejection = json.loads((out / "swap.json").read_text())["early_rejection"]
     assert rejection == json.loads(json.dumps(report["early_rejection"]))

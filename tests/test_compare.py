@@ -103,3 +103,13 @@ def test_the_closing_summary_states_rate_interval_counts_and_peak(tmp_path):
     assert lines[0] == "trajectory memorization 80.0% [95% 67.0, 88.8] of 50 samples at step 200"
     assert lines[1] == "per-sigma memorization peak 25.0% at sigma 0.8"
     assert lines[2] == "FID 12 of 50 samples at step 200"
+
+    zone = [{"step": 0, "phase": "fit_start", "zone/sigma_low": 0.5, "zone/sigma_high": 1.9}]
+    (run_dir / "eval" / "danger_zone").mkdir()
+    (run_dir / "eval" / "danger_zone" / "history.json").write_text(json.dumps({"history": zone}))
+    lines = summary_lines(read_run(run_dir))
+    assert lines[1] == "per-sigma memorization peak 25.0% at sigma 0.8, inside the danger zone"
+    assert lines[2] == "danger zone sigma 0.5-1.9 (from the training data alone, before training)"
+    zone[0]["zone/sigma_low"] = 0.9
+    (run_dir / "eval" / "danger_zone" / "history.json").write_text(json.dumps({"history": zone}))
+    assert summary_lines(read_run(run_dir))[1].endswith("at sigma 0.8, below the danger zone")

@@ -377,7 +377,8 @@ def test_cifar10_download_fails_fast_when_the_server_is_silent(tmp_path, monkeyp
     silent.listen(8)  # connections complete in the backlog but nothing ever answers
     port = silent.getsockname()[1]
     monkeypatch.setattr(cifar10_module, "CIFAR10_URL", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
-    dm = CIFAR10DataModule(str(tmp_path), download=True, download_timeout=0.5)
+    root = tmp_path / "data" / "cifar10"  # neither folder exists yet: a failed download must not leave them behind
+    dm = CIFAR10DataModule(str(root), download=True, download_timeout=0.5)
     start = time.monotonic()
     try:
         with pytest.raises(ConnectionError, match=r"could not download CIFAR-10.*timeout 0\.5 s.*cifar-10-batches-py"):
@@ -386,6 +387,7 @@ def test_cifar10_download_fails_fast_when_the_server_is_silent(tmp_path, monkeyp
         silent.close()
     assert time.monotonic() - start < 10
     assert socket.getdefaulttimeout() is None  # restored
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----- CelebA -------------------------------------------------------------------------------------------------------

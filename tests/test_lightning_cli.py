@@ -222,3 +222,21 @@ def test_metric_columns_sort_numbers_as_numbers():
     names = ["mem/sigma_12.9", "mem/sigma_3.26", "mem/peak_rate", "mem/sigma_0.002", "mem/sigma_80", "epoch"]
     assert sorted(names, key=metric_column_key) == ["epoch", "mem/peak_rate", "mem/sigma_0.002", "mem/sigma_3.26",
                                                     "mem/sigma_12.9", "mem/sigma_80"]
+
+
+def test_the_next_command_after_a_fit(tmp_path):
+    from calmwild.lightning_cli import next_command
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "toy.yaml").write_text("{}")
+    run_dir = tmp_path / "runs" / "toy" / "run-1"
+    assert next_command(None, run_dir) is None
+    assert next_command(configs / "toy.yaml", run_dir).startswith(f"calmwild analyze --data {configs / 'toy.yaml'}")
+    (configs / "toy_gap.yaml").write_text("{}")
+    assert next_command(configs / "toy.yaml", run_dir).startswith(f"calmwild fit --config {configs / 'toy_gap.yaml'}")
+    gap_run = tmp_path / "runs" / "toy_gap" / "run-2"
+    assert next_command(configs / "toy_gap.yaml", gap_run).startswith(f"calmwild fit --config {configs / 'toy.yaml'}")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert next_command(configs / "toy_gap.yaml", gap_run).startswith(f"calmwild compare {run_dir} {gap_run}")

@@ -23,7 +23,8 @@ from calmwild.geometry.shells import (CoverageBounds, CoverageCurve, coverage_bo
 from calmwild.geometry.weights import (ConcentrationThresholds, WeightCurves, concentration_thresholds,
                                        posterior_weight_curves, remark_4_3)
 from calmwild.geometry.zone import DangerZone, danger_zone
-from calmwild.io import enlarge, image_grid, save_figure, save_png, write_json
+from calmwild.grids import ranked_figure, render
+from calmwild.io import save_figure, save_png, write_json
 from calmwild.neighbors import flatten
 from calmwild.schedule import sigma_to_timestep, timestep_to_sigma
 from calmwild.settings import GeometrySettings
@@ -320,6 +321,9 @@ def write_risk_report(
     }
     json_name, png_name = RISK_FILES
     write_json({**summary, "per_image": {name: value.tolist() for name, value in scores.items()}}, out / json_name)
-    picked = torch.cat([order[:shown], order[-shown:].flip(0)])
-    save_png(image_grid(enlarge(train[picked].float()), nrow=shown), out / png_name)
+    primary = scores[PRIMARY_SCORE]
+    rows = [(label, train[picked].float(), primary[picked].tolist())
+            for label, picked in (("most at risk", order[:shown]), ("least at risk", order[-shown:].flip(0)))]
+    save_png(render(ranked_figure(rows, f"Memorization risk of the {train.shape[0]} training images, from the data "
+                                  "alone", PRIMARY_SCORE)), out / png_name)
     return summary

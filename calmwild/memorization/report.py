@@ -17,7 +17,6 @@ if TYPE_CHECKING:  # matplotlib loads in a second: the plotting functions import
     from matplotlib.figure import Figure
 
 from calmwild.checks import check_threshold, sigma_key
-from calmwild.io import pair_grid
 from calmwild.memorization.per_sigma import PerSigmaMemorization, PerSigmaMSE
 from calmwild.memorization.ratio import RatioTestResult, TrajectoryMemorization
 
@@ -150,10 +149,14 @@ def plot_ratio_histogram(tests: RatioTestResult, threshold: float, title: str) -
 
 
 def nearest_pairs_grid(
-    samples: torch.Tensor, train: torch.Tensor, tests: RatioTestResult, max_pairs: int = 64
+    samples: torch.Tensor, train: torch.Tensor, tests: RatioTestResult, title: str, max_pairs: int = 32
 ) -> torch.Tensor:
-    """[sample | nearest training image] pairs of the first ``max_pairs`` samples, memorized ones framed
-    (:func:`calmwild.io.pair_grid`); ``tests`` is the ratio test of ``samples`` against ``train``."""
+    """The first ``max_pairs`` samples above their nearest training images, each titled with its d1/d2, memorized
+    ones in red (:func:`calmwild.grids.pairs_figure`), rendered as a [3, H, W] image; ``tests`` is the ratio test of
+    ``samples`` against ``train``."""
+    from calmwild.grids import pairs_figure, render
+
     shown = slice(0, min(max_pairs, samples.shape[0]))
     nearest = train[tests.nearest_index[shown].cpu()]
-    return pair_grid(samples[shown], nearest, tests.memorized[shown])
+    return render(pairs_figure(samples[shown], nearest, tests.ratio[shown].tolist(), tests.memorized[shown].tolist(),
+                               title, max_pairs))

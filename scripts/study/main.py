@@ -92,7 +92,8 @@ def run_stages(study: Study) -> dict:
     sizes = [int(n) for n in regime["sizes"]]
     arm_models = study.arm_models(n_star, geometry)
     swap_units = study.swap_units(n_star, sizes, geometry)
-    done = study.lanes.run(study.ledger, swap_units + study.model_units([m for ms in arm_models.values() for m in ms]))
+    # the short swap units last: they fill the lanes the last models leave idle
+    done = study.lanes.run(study.ledger, study.model_units([m for ms in arm_models.values() for m in ms]) + swap_units)
     results["arms"] = arms = study.arms_result(arm_models, done)
     results["swap"] = study.swap_result(n_star, sizes, geometry, done)
     results["risk"] = study.ledger.step(f"risk_N{n_star}", (), lambda: study.risk(geometry, arms["baseline"]["models"]))

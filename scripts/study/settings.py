@@ -4,7 +4,7 @@ output directory to one set of settings.
 Sizes per mode (digits: scikit-learn's 8x8 digits, no download):
 
 - ``tiny``: every stage at toy sizes, seconds per stage (the test suite);
-- ``quick``: a 16-channel U-Net, 1,000 steps, sizes 16 .. 128, 3 seeds, about 11 minutes on 2 CPU cores;
+- ``quick``: a 16-channel U-Net, 1,000 steps, sizes 16 .. 128, 3 seeds, about 11 minutes on 2 idle CPU cores;
 - ``standard``: a 32-channel U-Net, 2,000 steps, sizes 16 .. 512, 4 seeds, more samples, about 45 minutes on 2 cores;
 - ``--dataset cifar10`` / ``celeba`` (GPU): the paper's networks and recipes (EDM's DDPM++ on CIFAR-10, the DDPM
   U-Net of Bonnaire et al. on grayscale CelebA), sizes around the paper's N = 1,000 / 1,024.
