@@ -128,6 +128,7 @@ class EvaluationCallback(Callback):
         self.last_step: int | None = None
         self.history: list[dict[str, Any]] = []
         self.curve_rows: dict[str, list[list]] = {}  # curve key -> rows [step, sigma, series, value], all evaluations
+        self._curves: dict[str, Curve] | None = None  # the curves of the latest evaluation (titles, axes of heatmaps)
 
     # ------------------------------------------------------------------ to be provided by subclasses
     def settings(self) -> dict[str, Any]:
@@ -197,11 +198,12 @@ class EvaluationCallback(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
-        if not self.at_train_end or trainer.sanity_checking or step <= 0 or step == self.last_step:
+        if trainer.sanity_checking or step <= 0 or interrupt_pending(trainer):  # a signal: seconds left, not minutes
             return
-        if interrupt_pending(trainer):  # stopped by a signal: the job may have seconds left, not minutes
-            return
-        self.run(trainer, pl_module, PHASE_TRAIN_END)
+        if self.at_train_end and step != self.last_step:
+            self.run(trainer, pl_module, PHASE_TRAIN_END)
+        elif trainer.is_global_zero and not self._heatmaps_current(trainer):
+            self._draw_heatmaps(trainer)  # the final step was evaluated already: draw what it deferred
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``calmwild validate``: one evaluation of the checkpoint (a fit's own validation loop, if one is configured,
@@ -325,14 +327,26 @@ class EvaluationCallback(Callback):
         elif result.image is not None:
             save_png(result.image, out / f"{stem}.png")
             record["image"] = f"{stem}.png"
+        self._curves = result.curves or self._curves
         # a heatmap takes seconds to draw on a CPU: at every evaluation only when W&B shows it, else at the end
-        if ctx.phase != PHASE_BATCH_END or any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
-            for key, curve in (result.curves or {}).items():
-                figure = sigma_step_heatmap(self.curve_rows[key], curve.title, curve.xname, curve.log_values)
-                files[f"{key}_heatmap"] = save_figure(figure, out / f"{key.replace('/', '_')}_heatmap.png")
+        if ctx.phase != PHASE_BATCH_END or self._heatmaps_current(trainer):
+            files.update(self._draw_heatmaps(trainer))
         write_json(record, out / f"{stem}.json")
         write_json({"callback": self.name, "settings": self.settings(), "history": self.history},
                    out / "history.json")
+        return files
+
+    @staticmethod
+    def _heatmaps_current(trainer: Trainer) -> bool:
+        """Whether the heatmaps are redrawn at every evaluation (under a WandbLogger, which shows them)."""
+        return any(isinstance(logger, WandbLogger) for logger in trainer.loggers)
+
+    def _draw_heatmaps(self, trainer: Trainer) -> dict[str, Path]:
+        """One sigma x step heatmap per curve over every evaluation so far (logged key -> file)."""
+        out, files = self.output_dir(trainer), {}
+        for key, curve in (self._curves or {}).items():
+            figure = sigma_step_heatmap(self.curve_rows[key], curve.title, curve.xname, curve.log_values)
+            files[f"{key}_heatmap"] = save_figure(figure, out / f"{key.replace('/', '_')}_heatmap.png")
         return files
 
     def _log(self, trainer: Trainer, step: int, result: Evaluation, files: dict[str, Path]) -> None:

@@ -163,6 +163,28 @@ def _report_samples(drawn: tuple[torch.Tensor, float, dict], shape: tuple[int, i
     return report
 
 
+def _rate_text(memorized: int, num: int) -> str:
+    interval = wilson_interval(memorized, num)
+    return (f"trajectory memorization {100 * interval.estimate:.1f}% [95% {100 * interval.low:.1f}, "
+            f"{100 * interval.high:.1f}] of {num} samples")
+
+
+def _samples_summary(report: dict, out: Path, name: str) -> str:
+    """What ``sample`` / ``swap`` did, in a few lines: the samples, their memorization, the early rejections."""
+    files = ", ".join([*report["files"].values(), name])
+    lines = [f"calmwild {report['command']}: {report['num_samples']} samples in {out} ({files})"]
+    if "memorization" in report:
+        lines.append(f"  {_rate_text(report['memorization']['num_memorized'], report['num_samples'])}")
+    if "early_rejection" in report:
+        rejection = report["early_rejection"]
+        cost = rejection["evaluations"]
+        lines.append(f"  rejected early: {rejection['num_rejected']} of {rejection['num_attempted']} trajectories at "
+                     f"step {rejection['rule']['step']} ({rejection['rule']['score']}); {cost['filtered_generation']} "
+                     f"denoiser evaluations (+{cost['calibration']} to calibrate) against "
+                     f"{cost['plain_generation_of_attempted']} for running them all to the end")
+    return "\n".join(lines)
+
+
 def resolve_swap(base: str, other: str, band: str | None, sigma_bands: list[tuple[float, float]] | None,
                  datamodule: DataModule | None, device: str, precision: str = "fp32") -> SwapDenoiser:
     """``other`` inside the sigma bands (or the named preset), ``base`` elsewhere; each side resolved by
@@ -224,6 +246,7 @@ def sample(
                           early_rejection)
     report = _report_samples(drawn, shape, datamodule, out, settings, threshold)
     write_json(report, out / "sample.json")
+    print(_samples_summary(report, out, "sample.json"), flush=True)
     return report
 
 
@@ -280,6 +303,7 @@ def swap(
                           early_rejection)
     report = _report_samples(drawn, shape, datamodule, out, settings, threshold)
     write_json(report, out / "swap.json")
+    print(_samples_summary(report, out, "swap.json"), flush=True)
     return report
 
 
@@ -486,8 +510,20 @@ def evaluate(
     denoiser = resolve_denoiser(ckpt, datamodule, device, sampling.precision)
     _image_shape(denoiser, datamodule)
     out = prepare_output_dir(out, overwrite)
-    return evaluate_denoiser(denoiser, datamodule.train_images, datamodule.heldout_images, out, per_sigma, sampling,
-                             num_samples, threshold, fid, device)
+    report = evaluate_denoiser(denoiser, datamodule.train_images, datamodule.heldout_images, out, per_sigma,
+                               sampling, num_samples, threshold, fid, device)
+    mem, quality = report["per_sigma_memorization"], report["fid"]
+    traj = report["trajectory_memorization"]
+    lines = [f"calmwild evaluate: {_rate_text(traj['num_memorized'], traj['num_samples'])}",
+             "  per-sigma memorization " + ("0 at every sigma" if mem["peak_sigma"] is None else
+                                            f"peaks at {100 * mem['peak_rate']:.1f}% at sigma {mem['peak_sigma']:.3g}")]
+    if quality is not None:
+        lines.append(f"  Frechet distance {quality['fid']:.4g} ({quality['feature_extractor']}, "
+                     f"{quality['num_samples']} samples against {quality['num_reference']} {quality['reference']} "
+                     "images)")
+    lines.append(f"  report in {out / 'evaluation.json'}, plots beside it")
+    print("\n".join(lines), flush=True)
+    return report
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:

@@ -32,7 +32,7 @@ def test_load_datamodule_accepts_fit_config_and_class_path():
         load_datamodule("missing.yaml")
 
 
-def test_sample_with_empirical_denoiser_memorizes(tmp_path):
+def test_sample_with_empirical_denoiser_memorizes(tmp_path, capsys):
     report = run(["sample", "--out", str(tmp_path / "s"), "--ckpt", "empirical", "--data", DIGITS,
                   "--num", "12", "--sampling.steps", "18"])
     assert report["memorization"]["rate"] == 1.0
@@ -41,6 +41,10 @@ def test_sample_with_empirical_denoiser_memorizes(tmp_path):
     for name in ("samples.pt", "samples.png", "nearest_pairs.png", "per_sample.json"):
         assert (tmp_path / "s" / name).is_file()
     assert torch.load(tmp_path / "s" / "samples.pt").shape == (12, 1, 8, 8)
+    said = capsys.readouterr().out.splitlines()
+    assert said[-2] == (f"calmwild sample: 12 samples in {tmp_path / 's'} (samples.pt, samples.png, nearest_pairs.png, "
+                        "per_sample.json, sample.json)")
+    assert said[-1] == "  trajectory memorization 100.0% [95% 75.8, 100.0] of 12 samples"
 
 
 def test_sample_in_bf16_records_the_precision_and_closed_forms_refuse_it(tmp_path, tiny_checkpoint):
@@ -187,3 +191,15 @@ def test_swap_rejecting_memorized_samples_early_accounts_for_every_trajectory(tm
     assert report["memorization"]["interval"]["count"] == 12
     with pytest.raises(ValueError, match="needs --data"):
         run(["sample", "--out", str(tmp_path / "x"), "--ckpt", "gaussian", "--reject_memorized_early", "true"])
+
+
+def test_evaluate_prints_its_figures_and_where_they_are(tmp_path, tiny_data, capsys):
+    out = tmp_path / "ev"
+    report = run(["evaluate", "--ckpt", "empirical", "--data", tiny_data, "--out", str(out), "--num_samples", "8",
+                  "--per_sigma.num_images", "8", "--sampling.steps", "6", "--fid.feature_extractor", "random"])
+    said = capsys.readouterr().out.splitlines()[-4:]
+    assert said[0] == "calmwild evaluate: trajectory memorization 100.0% [95% 67.6, 100.0] of 8 samples"
+    peak = report["per_sigma_memorization"]
+    assert said[1] == f"  per-sigma memorization peaks at {100 * peak['peak_rate']:.1f}% at sigma {peak['peak_sigma']:.3g}"
+    assert said[2].startswith(f"  Frechet distance {report['fid']['fid']:.4g} (RandomConvFeatures")
+    assert said[3] == f"  report in {out / 'evaluation.json'}, plots beside it"
