@@ -293,6 +293,11 @@ class EvaluationCallback(Callback):
         return DEVICE_CACHE.get(trainer, "train_images", ctx.device, lambda: trainer.datamodule.train_images)
 
     @staticmethod
+    def cached_heldout(trainer: Trainer, ctx: Context):
+        """The held-out images on the evaluation device, copied there once per run."""
+        return DEVICE_CACHE.get(trainer, "heldout_images", ctx.device, lambda: trainer.datamodule.heldout_images)
+
+    @staticmethod
     def shared_samples(trainer: Trainer, pl_module: LightningModule, ctx: Context, start: int, stop: int,
                        sampling: SamplingSettings):
         """Samples [start, stop) of the EMA network (sample i from seed + i), CPU float32; generated once per

@@ -48,10 +48,9 @@ class PerSigmaMSE(_PerSigmaCallback):
         super().__init__(per_sigma, every_n_steps, at_train_end, name)
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, ctx: Context) -> Evaluation | None:
-        data = trainer.datamodule
-        part = evaluate_per_sigma_mse(pl_module.ema_denoiser(), data.train_images, data.heldout_images,
-                                      self.per_sigma, ctx.device, (ctx.rank, ctx.world_size),
-                                      self.gatherer(pl_module, ctx))
+        part = evaluate_per_sigma_mse(pl_module.ema_denoiser(), self.cached_train(trainer, ctx),
+                                      self.cached_heldout(trainer, ctx), self.per_sigma, ctx.device,
+                                      (ctx.rank, ctx.world_size), self.gatherer(pl_module, ctx))
         if ctx.rank != 0:
             return None
         section = part.section
@@ -86,8 +85,7 @@ class PerSigmaMemorization(_PerSigmaCallback):
         return {**super().settings(), "threshold": self.threshold}
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, ctx: Context) -> Evaluation | None:
-        data = trainer.datamodule
-        part = evaluate_per_sigma_memorization(pl_module.ema_denoiser(), data.heldout_images,
+        part = evaluate_per_sigma_memorization(pl_module.ema_denoiser(), self.cached_heldout(trainer, ctx),
                                                self.cached_train(trainer, ctx), self.per_sigma, self.threshold,
                                                ctx.device, (ctx.rank, ctx.world_size), self.gatherer(pl_module, ctx))
         if ctx.rank != 0:

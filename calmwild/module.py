@@ -158,7 +158,9 @@ class DiffusionModule(pl.LightningModule):
             return
         record = None
         if self.global_rank == 0:
-            record = self.sigma_sampler.prepare(datamodule.train_images, datamodule.heldout_images)
+            device = self.trainer.strategy.root_device  # the geometry runs where training will
+            record = self.sigma_sampler.prepare(datamodule.train_images.to(device),
+                                                datamodule.heldout_images.to(device))
             record = {"record": record, "state": self.sigma_sampler.state_dict()}
         record = self.trainer.strategy.broadcast(record, src=0)
         self.sigma_sampler.load_state_dict(record["state"])
@@ -189,13 +191,15 @@ class DiffusionModule(pl.LightningModule):
 
     def _draw_noise(self, images: torch.Tensor) -> tuple[SigmaDraw, torch.Tensor, torch.Tensor]:
         """This rank's slice of the sigmas and unit noises drawn for the whole global batch of this step, and the
-        sigmas of the whole global batch (every rank draws them all: logging them needs no communication)."""
+        sigmas of the whole global batch (every rank draws them all: logging them needs no communication). They are
+        drawn where the batch lives, from a generator of that device seeded with (seed, step) only: a resumed run
+        draws what the uninterrupted one drew, and W ranks draw what one process with the global batch draws."""
         local = images.shape[0]
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.global_rank if self._trainer is not None else 0
-        gen = torch.Generator().manual_seed(step_seed(self.hparams.seed + 1, self.global_step, 0))
+        gen = torch.Generator(images.device).manual_seed(step_seed(self.hparams.seed + 1, self.global_step, 0))
         draw = self.sigma_sampler.sample(local * world, gen)
-        noise = torch.randn((local * world, *images.shape[1:]), generator=gen)
+        noise = torch.randn((local * world, *images.shape[1:]), generator=gen, device=images.device)
         mine = slice(rank * local, (rank + 1) * local)
         return SigmaDraw(draw.sigma[mine], draw.weight[mine]), noise[mine], draw.sigma
 
@@ -217,25 +221,40 @@ class DiffusionModule(pl.LightningModule):
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         denoised = self._train_forward(noisy, sigma, labels)
         loss, per_sample = self._objective(denoised, images, sigma, draw)
-
-        finite = bool(torch.isfinite(loss))
-        if self._trainer is not None:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite and self.hparams.nan_policy == "raise":
-            raise FloatingPointError(
-                f"non-finite training loss ({float(loss.detach())}) at global step {self.global_step}; "
-                "the run is stopped and earlier checkpoints are left untouched. Lower the learning rate, check "
-                "the data for NaN/inf, or set model.nan_policy=skip to drop such steps."
-            )
+        # the step's verdict stays on the device until backward is queued (on_before_optimizer_step reads it)
+        self._finite = self._all_ranks(torch.isfinite(loss.detach()))
+        self._loss = loss.detach()
         # logged for skipped steps too, so that their row shows their own (non-finite) loss, not the previous one
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
         self.log("train/unweighted_mse", per_sample.detach().mean(), on_step=True, on_epoch=False, sync_dist=True)
-        if not finite:
-            self._skip_step()
-            return None
-        self.consecutive_skips = 0
         self._log_sigma_histogram(global_sigma)
         return loss
+
+    def _all_ranks(self, flag: torch.Tensor) -> torch.Tensor:
+        """``flag`` (a 0-d bool tensor) and-ed over the DDP ranks, still on the device (an all-reduce, no host wait)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return flag
+        return self.trainer.strategy.reduce(flag.float(), reduce_op="sum") >= self.trainer.world_size
+
+    def _check_finite(self, optimizer: torch.optim.Optimizer) -> bool:
+        """The non-finite policy, applied once the step's backward is queued (the only host wait of a step, and it
+        waits for the forward alone): ``raise`` stops the run before the optimizer touches the weights; ``skip``
+        drops every gradient, so the optimizer leaves the weights and its own state as they were, and the EMA is
+        not updated. Returns whether the step goes ahead."""
+        if bool(self._finite):
+            self.consecutive_skips = 0
+            return True
+        if self.hparams.nan_policy == "raise":
+            raise FloatingPointError(
+                f"non-finite training loss ({float(self._loss)}) at global step {self.global_step}; "
+                "the run is stopped and earlier checkpoints are left untouched. Lower the learning rate, check "
+                "the data for NaN/inf, or set model.nan_policy=skip to drop such steps."
+            )
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._skip_step()
+        return False
 
     def _skip_step(self) -> None:
         """Counts a step dropped under ``nan_policy: skip`` and stops the run once the skips say it diverged: more
@@ -282,7 +301,10 @@ class DiffusionModule(pl.LightningModule):
                 )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """EDM passes gradients through nan_to_num so one bad element cannot poison the weights."""
+        """The non-finite policy (:meth:`_check_finite`); then, as EDM, gradients pass through nan_to_num so one bad
+        element cannot poison the weights."""
+        if not self._check_finite(optimizer):
+            return
         for p in self.net.parameters():
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)

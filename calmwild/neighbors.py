@@ -120,10 +120,12 @@ def knn(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours (Euclidean): distances [Q, k] (float32, ascending) and indices [Q, k] (long).
 
-    1. Candidate search: squared distances by the matrix-product identity (:func:`squared_distances`), chunked
-       over ``query_chunk`` queries and ``ref_chunk`` references (memory O(query_chunk * ref_chunk) whatever the
-       reference size), keeping a running best ``candidates`` (default k + 16) per query. float32 inputs are
-       multiplied at full float32 precision (TF32 is switched off for the duration); float64 inputs stay float64.
+    1. Candidate search: the references ranked by ||y||^2 - 2 <x, y> (the squared distance less the query's own
+       ||x||^2, which no ranking of one query's neighbours needs: one matrix product with the norms as its bias, no
+       further pass over the matrix), chunked over ``query_chunk`` queries and ``ref_chunk`` references (memory
+       O(query_chunk * ref_chunk) whatever the reference size), keeping a running best ``candidates`` (default
+       k + 16) per query; ||x||^2 is added to those alone. float32 inputs are multiplied at full float32 precision
+       (TF32 is switched off for the duration); float64 inputs stay float64.
     2. Cancellation fix: the retained candidates that can still be among the k nearest (computed value within
        twice the error bound below of the k-th computed value) are re-scored exactly as ||x - y|| from the
        differences (in float64), then sorted by (distance, index) and cut to k. Ties: the smaller reference
@@ -173,11 +175,13 @@ def knn(
             best_d = torch.empty(xq.shape[0], 0, dtype=dtype, device=device)
             best_i = torch.empty(xq.shape[0], 0, dtype=torch.long, device=device)
             for rs in range(0, n, ref_chunk):
-                d2 = squared_distances(xq, y[rs : rs + ref_chunk].to(device, dtype), y_sq[rs : rs + ref_chunk])
-                top = torch.topk(d2, min(keep, d2.shape[1]), dim=1, largest=False)
+                yc = y[rs : rs + ref_chunk].to(device, dtype)
+                partial = torch.addmm(y_sq[rs : rs + ref_chunk].unsqueeze(0), xq, yc.T, alpha=-2.0)
+                top = torch.topk(partial, min(keep, partial.shape[1]), dim=1, largest=False)
                 cand_d, cand_i = torch.cat([best_d, top.values], 1), torch.cat([best_i, top.indices + rs], 1)
                 top = torch.topk(cand_d, min(keep, cand_d.shape[1]), dim=1, largest=False)
                 best_d, best_i = top.values, cand_i.gather(1, top.indices)
+            best_d = best_d + (xq * xq).sum(dim=1, keepdim=True)  # the computed squared distances of the candidates
 
             bound = gamma * (xq.double().norm(dim=1) + y_norm_max).square()
             rescored = _rescore_viable(xq, y, best_d, best_i, k, bound)

@@ -43,9 +43,9 @@ class SigmaSampler(ABC):
     is_discrete: bool = False
 
     def sample(self, n: int, generator: torch.Generator) -> SigmaDraw:
-        """``n`` draws as float32 CPU tensors; one uniform per draw from ``generator``."""
+        """``n`` draws as float32 tensors on the generator's device; one uniform per draw from ``generator``."""
         n = check_count(n, "n")
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device)
         sigma = self._sigma_from_uniform(u)
         return SigmaDraw(sigma.to(torch.float32), self.weight(sigma).to(torch.float32))
 
@@ -171,17 +171,19 @@ class DDPMUniform(SigmaSampler):
 
     def cdf(self, sigma):
         s = _as_f64(sigma)
-        return torch.searchsorted(self._sigmas, s.reshape(-1), right=True).reshape(s.shape).double() / self.T
+        atoms = self._sigmas.to(s.device)
+        return torch.searchsorted(atoms, s.reshape(-1), right=True).reshape(s.shape).double() / self.T
 
     def cdf_below(self, sigma):
         s = _as_f64(sigma)
-        return torch.searchsorted(self._sigmas, s.reshape(-1), right=False).reshape(s.shape).double() / self.T
+        atoms = self._sigmas.to(s.device)
+        return torch.searchsorted(atoms, s.reshape(-1), right=False).reshape(s.shape).double() / self.T
 
     def quantile(self, u):
         """The first atom whose cdf k / T is >= u (searched on the same float values cdf() returns)."""
         u = _probability_levels(u)
-        index = torch.searchsorted(self._cdf_grid, u.reshape(-1)).clamp(0, self.T - 1).reshape(u.shape)
-        return self._sigmas[index]
+        index = torch.searchsorted(self._cdf_grid.to(u.device), u.reshape(-1)).clamp(0, self.T - 1).reshape(u.shape)
+        return self._sigmas.to(u.device)[index]
 
     def describe(self) -> dict:
         return {"class": "DDPMUniform", "T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end}
@@ -239,7 +241,7 @@ class _Bands:
 
     def index_of(self, sigma: torch.Tensor) -> torch.Tensor:
         """Index of the band holding each sigma, -1 outside all bands."""
-        index = torch.full(sigma.shape, -1, dtype=torch.long)
+        index = torch.full(sigma.shape, -1, dtype=torch.long, device=sigma.device)
         for k, (low, high) in enumerate(self.sigma):
             index[(sigma >= low) & (sigma <= high)] = k
         return index
@@ -375,8 +377,8 @@ class Gap(SigmaSampler):
         through the base quantile. The point is clamped into (a_k, b_k] -- strictly above a_k, which is the base
         CDF at a band's upper edge -- so rounding can never map it onto an atom inside a band."""
         target = _probability_levels(u) * self._kept_mass
-        lows = torch.tensor([a for a, _ in self._kept], dtype=torch.float64)
-        highs = torch.tensor([b for _, b in self._kept], dtype=torch.float64)
+        lows = torch.tensor([a for a, _ in self._kept], dtype=torch.float64, device=target.device)
+        highs = torch.tensor([b for _, b in self._kept], dtype=torch.float64, device=target.device)
         lengths = highs - lows
         ends = torch.cumsum(lengths, 0)
         k = torch.searchsorted(ends, target.reshape(-1)).clamp(max=len(self._kept) - 1).reshape(target.shape)
@@ -468,7 +470,7 @@ class Reweighted(SigmaSampler):
     def weight(self, sigma):
         s = _as_f64(sigma)
         index = self.bands.index_of(s)
-        table = torch.tensor(self.factors + [1.0], dtype=torch.float64)
+        table = torch.tensor(self.factors + [1.0], dtype=torch.float64, device=s.device)
         return table[index] * self.base.weight(s)
 
     def describe(self) -> dict:

@@ -1,35 +1,36 @@
-"""calmwild performance benchmarks: every figure next to its naive / reference counterpart, measured in the same run.
+"""calmwild performance benchmarks: every figure next to its peer or naive counterpart, measured in the same run.
 
-Run on a GPU (DDPM++ CIFAR-10 sizes, about 10-15 minutes on one H100, most of it fp32 sampling and compilation):
+Run on a GPU (DDPM++ CIFAR-10 sizes; sized for under 10 minutes of one H100, not yet measured on one):
 
-    python scripts/bench.py --config cifar --out bench.json
+    python scripts/bench.py --config cifar --out bench.json [--edm-repo PATH]
 
-and on a CPU (tiny sizes, about 1.5 minutes on 2 idle cores):
+and on a CPU (tiny sizes, a few minutes on 2 idle cores):
 
     python scripts/bench.py --quick --out bench_quick.json
 
-Options: ``--device`` (default cuda if available, else cpu),
-``--only training,sampling,knn,empirical,geometry,precision,kid``,
-``--threads N``, ``--variants`` (training), ``--memory-fraction``, and size overrides (``--batch-size``,
-``--timed-steps``, ``--num-references``, ... see ``--help``). Progress goes to stderr; stdout gets ONE JSON object
-(also written to ``--out``) with the device name, torch / Lightning / CUDA versions, precision settings, sizes and:
+Options: ``--device`` (default cuda if available, else cpu), ``--only NAME ...`` (from the list below),
+``--threads N``, ``--variants`` (training), ``--memory-fraction``, ``--edm-repo`` (a checkout of NVlabs/edm), and size
+overrides (``--batch-size``, ``--timed-steps``, ``--num-references``, ... see ``--help``). Progress goes to stderr;
+stdout gets ONE JSON object (also written to ``--out``) with the device name, library versions, precision settings,
+sizes and:
 
-1. training: images/s of ``DiffusionModule`` (UNet, LogNormal sigma, EMA) through ``Trainer.fit`` vs a plain PyTorch
-   loop over the same module hooks + Adam + EMA update (Lightning overhead; target < 5 %). On CUDA the variants fp32,
-   tf32, bf16-mixed, + channels_last, + compile. Also the datamodule's per-item collation vs batched indexing.
-2. sampling: samples/s of ``generate`` (Heun, 18 steps, ``NetworkDenoiser(EDMPrecond(UNet))``), float64-state
-   default vs float32 state (on CUDA also TF32 and bf16 autocast), with the max |difference| of the samples.
-3. knn: ``calmwild.neighbors.knn`` vs ``torch.cdist`` + ``topk``; TFLOP/s (2 Q N d), errors against float64, and a
-   plain ``torch.mm`` of the same shape as the attainable matmul rate.
-4. empirical: ``EmpiricalDenoiser`` vs a dense softmax over the full distance matrix; TFLOP/s (4 Q N d per sigma).
-5. geometry: ``posterior_weight_curves`` + ``shell_coverage`` over 40 sigmas vs a Python loop of per-sigma brute force.
-6. precision: what bf16 costs in per-sigma MSE (eq. 5): two models trained on the embedded digits in fp32 and
-   bf16-mixed, each evaluated in fp32 and under bf16 autocast on the same held-out images and noises; the relative
-   MSE change per sigma (paired) beside the reference's standard error, and the bf16 / fp32 speed ratios.
-7. kid: ``calmwild.fid.kernel_distance`` (kernels once, subsets by indicator products) vs torchmetrics' per-subset
-   ``poly_mmd`` (the computation of its KernelInceptionDistance) on the same features and subsets.
+1. training: images/s of ``DiffusionModule`` through ``Trainer.fit`` vs a plain PyTorch loop over the same module
+   hooks + Adam + EMA update (Lightning's overhead). On CUDA the variants fp32, tf32, bf16-mixed, + channels_last,
+   + compile. Also the datamodule's batches gathered on the device vs per-item collation.
+2. network: forward + backward of calmwild's UNet(variant="edm") vs NVlabs/edm's own SongUNet (``--edm-repo``).
+3. sampling: samples/s of ``generate`` (Heun, 18 steps), float64-state default vs faster settings, and k-diffusion's
+   ``sample_heun`` on the same denoiser and noise (when installed), with the max |difference| of the samples.
+4. knn: ``calmwild.neighbors.knn`` vs faiss ``IndexFlatL2`` (when installed) and ``torch.cdist`` + ``topk``, with
+   exactness on near-copies (relative d1 error, ratio-test flips).
+5. empirical: ``EmpiricalDenoiser`` vs a dense softmax.
+6. geometry: the Figure 3 curves vs plain batched loops over the levels in float64 and float32.
+7. precision: what bf16 costs in per-sigma MSE (eq. 5), training and evaluation.
+8. kid: ``calmwild.fid.kernel_distance`` vs torchmetrics' per-subset ``poly_mmd``.
+9. budget: per shipped config, what one evaluation round and the whole run's evaluations cost against training.
 
-Timing: CUDA-synchronised wall clock, warm-up excluded, median of the repeats, calmwild and naive interleaved.
+The peers (faiss-cpu, k-diffusion, NVlabs/edm) are optional: each is skipped with a note when it is not installed or
+given, and none is a calmwild dependency. Timing: synchronised wall clock, warm-up excluded, median of the repeats,
+calmwild and its peers interleaved.
 
 Reference figures (issue "Performance"; stored under "reference" in the JSON, with ratios under "vs_reference" for a
 CUDA run of --config cifar). EDM's own code on one H100, DDPM++ CIFAR-10 (55.7M parameters):

@@ -31,6 +31,29 @@ TINY_UNET = dict(img_resolution=8, in_channels=1, model_channels=16, channel_mul
                  attn_resolutions=(4,), dropout=0.0)
 
 
+@pytest.fixture(scope="session")
+def train_4x4() -> torch.Tensor:
+    """40 random 1x4x4 images in [-1, 1] (seed 0): a training set for the closed-form denoisers."""
+    return torch.rand(40, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+class RowCounter:
+    """A denoiser wrapper that counts the rows the sampler sends through it (one evaluation per row)."""
+
+    def __init__(self, inner):
+        self.inner, self.rows = inner, 0
+
+    def __call__(self, x, sigma):
+        self.rows += x.shape[0]
+        return self.inner(x, sigma)
+
+
+@pytest.fixture
+def count_rows():
+    """``count_rows(denoiser)``: the denoiser wrapped in a :class:`RowCounter`."""
+    return RowCounter
+
+
 @pytest.fixture
 def gen():
     """A seeded CPU generator: ``gen(seed)``."""

@@ -200,6 +200,7 @@ def test_evaluate_prints_its_figures_and_where_they_are(tmp_path, tiny_data, cap
     said = capsys.readouterr().out.splitlines()[-4:]
     assert said[0] == "calmwild evaluate: trajectory memorization 100.0% [95% 67.6, 100.0] of 8 samples"
     peak = report["per_sigma_memorization"]
-    assert said[1] == f"  per-sigma memorization peaks at {100 * peak['peak_rate']:.1f}% at sigma {peak['peak_sigma']:.3g}"
+    assert said[1] == (f"  per-sigma memorization peaks at {100 * peak['peak_rate']:.1f}% at sigma "
+                       f"{peak['peak_sigma']:.3g}")
     assert said[2].startswith(f"  Frechet distance {report['fid']['fid']:.4g} (RandomConvFeatures")
     assert said[3] == f"  report in {out / 'evaluation.json'}, plots beside it"

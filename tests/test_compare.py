@@ -96,20 +96,21 @@ def test_the_closing_summary_states_rate_interval_counts_and_peak(tmp_path):
     from calmwild.compare import read_run, summary_lines
 
     run_dir = _write_run(tmp_path, "baseline", *RUNS["baseline"])
-    peak = [{"step": 200, "phase": "train_end", "mem/peak_rate": 0.25, "mem/peak_sigma": 0.8}]
-    (run_dir / "eval" / "per_sigma_memorization").mkdir()
-    (run_dir / "eval" / "per_sigma_memorization" / "history.json").write_text(json.dumps({"history": peak}))
+
+    def history(callback: str, entries: list[dict]) -> None:
+        (run_dir / "eval" / callback).mkdir(exist_ok=True)
+        (run_dir / "eval" / callback / "history.json").write_text(json.dumps({"history": entries}))
+
+    history("per_sigma_memorization", [{"step": 200, "phase": "train_end", "mem/peak_rate": 0.25,
+                                        "mem/peak_sigma": 0.8}])
     lines = summary_lines(read_run(run_dir))
     assert lines[0] == "trajectory memorization 80.0% [95% 67.0, 88.8] of 50 samples at step 200"
     assert lines[1] == "per-sigma memorization peak 25.0% at sigma 0.8"
     assert lines[2] == "FID 12 of 50 samples at step 200"
 
-    zone = [{"step": 0, "phase": "fit_start", "zone/sigma_low": 0.5, "zone/sigma_high": 1.9}]
-    (run_dir / "eval" / "danger_zone").mkdir()
-    (run_dir / "eval" / "danger_zone" / "history.json").write_text(json.dumps({"history": zone}))
+    history("danger_zone", [{"step": 0, "phase": "fit_start", "zone/sigma_low": 0.5, "zone/sigma_high": 1.9}])
     lines = summary_lines(read_run(run_dir))
     assert lines[1] == "per-sigma memorization peak 25.0% at sigma 0.8, inside the danger zone"
     assert lines[2] == "danger zone sigma 0.5-1.9 (from the training data alone, before training)"
-    zone[0]["zone/sigma_low"] = 0.9
-    (run_dir / "eval" / "danger_zone" / "history.json").write_text(json.dumps({"history": zone}))
+    history("danger_zone", [{"step": 0, "phase": "fit_start", "zone/sigma_low": 0.9, "zone/sigma_high": 1.9}])
     assert summary_lines(read_run(run_dir))[1].endswith("at sigma 0.8, below the danger zone")

@@ -26,6 +26,7 @@ from calmwild.data import (
     InMemoryImageDataModule,
     content_hash,
 )
+from calmwild.data.base import DeviceBatches
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -124,10 +125,11 @@ def test_loader_fixed_batches_and_seeded_epoch_order():
     dm = DigitsDataModule(num_train=100, num_heldout=10, resolution=8, batch_size=32, seed=5)
     dm.setup()
     loader = dm.train_dataloader()
-    assert len(loader) == 3 and loader.drop_last and loader.num_workers == 0 and not loader.persistent_workers
-    workers = DigitsDataModule(num_train=100, num_heldout=10, resolution=8, batch_size=32, num_workers=2)
+    assert isinstance(loader, DeviceBatches) and len(loader) == 3 and loader.device == torch.device("cpu")
+    workers = DigitsDataModule(num_train=100, num_heldout=10, resolution=8, batch_size=32, num_workers=2, seed=5)
     workers.setup()
-    assert workers.train_dataloader().persistent_workers  # created, not iterated: no processes started
+    collated = workers.train_dataloader()
+    assert collated.persistent_workers and collated.drop_last and len(collated) == 3  # not iterated: no processes
     batches = list(loader)
     assert all(len(b) == 1 and b[0].shape == (32, 1, 8, 8) for b in batches)
 
@@ -142,6 +144,29 @@ def test_loader_fixed_batches_and_seeded_epoch_order():
     assert first != order(5, 1) and first != order(6, 0)
     served = torch.cat([b[0] for b in batches])
     torch.testing.assert_close(served, dm.train_images[first[:96]])
+    in_process = DigitsDataModule(num_train=100, num_heldout=10, resolution=8, batch_size=32, seed=5, num_workers=0)
+    in_process.setup()
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, in_process.train_dataloader()))
+
+
+def test_device_batches_resume_mid_epoch_with_the_batches_an_uninterrupted_epoch_serves():
+    dm = DummyClassDataModule(DigitsDataModule(num_train=40, num_heldout=10, resolution=8, batch_size=8, seed=3))
+    dm.setup()
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(2)
+    whole = list(loader)
+    assert len(whole) == 10 and all(len(b) == 2 and b[0].shape == (8, 1, 8, 8) for b in whole)  # images, labels
+    iterator = iter(loader)
+    for _ in range(4):
+        next(iterator)
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches_served": 4}
+    fresh = dm.train_dataloader()  # a resumed run builds a new loader and is handed the saved position
+    fresh.load_state_dict(state)
+    rest = list(fresh)
+    assert len(rest) == 6 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, whole[4:]))
+    fresh.load_state_dict({"epoch": 2, "batches_served": 10})  # saved after the last batch: the next epoch
+    assert fresh.sampler.epoch == 3 and len(list(fresh)) == 10
 
 
 def test_lightning_calls_set_epoch_so_each_epoch_has_its_seeded_order(tmp_path):

@@ -208,8 +208,10 @@ def test_shell_membership_is_exact_under_float32_cancellation():
     hi2 = torch.where(group == 0, nearest * (1 + 1e-7), torch.where(group == 1, nearest * (1 - 1e-7), 2 * farthest))
     truth = ((exact >= lo2.unsqueeze(1)) & (exact <= hi2.unsqueeze(1))).any(dim=1)
     assert torch.equal(truth, (group % 2 == 0))
-    got = shells._any_in_shell(x, lo2, hi2, y, (y * y).sum(dim=1), chunk_size=64)
-    assert torch.equal(got, truth)
+    # the copies are the points themselves (zero noise, one level at sigma 0), the shells one per copy
+    got = shells._in_shells(x, torch.zeros(40, 1, d), y, (y * y).sum(dim=1), [0.0], lo2.reshape(1, 40, 1),
+                            hi2.reshape(1, 40, 1), chunk_size=64)
+    assert torch.equal(got.reshape(40), truth)
 
 
 # --------------------------------------------------------------------------------------- posterior weights

@@ -24,26 +24,12 @@ from calmwild.settings import SamplingSettings
 SHAPE = (1, 4, 4)
 
 
-@pytest.fixture(scope="module")
-def train():
-    return torch.rand(40, *SHAPE, generator=torch.Generator().manual_seed(0)) * 2 - 1
-
-
-class RowCounter:
-    """Counts the rows the sampler sends through the denoiser (one evaluation per row)."""
-
-    def __init__(self, inner):
-        self.inner, self.rows = inner, 0
-
-    def __call__(self, x, sigma):
-        self.rows += x.shape[0]
-        return self.inner(x, sigma)
 
 
 @pytest.mark.parametrize("solver", ["heun", "euler"])
-def test_evaluations_through_counts_the_sampler_calls(train, solver):
+def test_evaluations_through_counts_the_sampler_calls(train_4x4, count_rows, solver):
     for stop in range(0, 7):
-        counter = RowCounter(EmpiricalDenoiser(train))
+        counter = count_rows(EmpiricalDenoiser(train_4x4))
         edm_sampler(counter, torch.randn(3, *SHAPE), num_steps=6, solver=solver, stop_step=stop)
         assert counter.rows == 3 * evaluations_through(stop, 6, solver)
     assert evaluations_through(18, 18, "heun") == 35
@@ -51,13 +37,13 @@ def test_evaluations_through_counts_the_sampler_calls(train, solver):
         evaluations_through(7, 6, "heun")
 
 
-def test_step_scores_match_a_direct_computation(train):
+def test_step_scores_match_a_direct_computation(train_4x4):
     g = torch.Generator().manual_seed(1)
     state, sigma = torch.randn(5, *SHAPE, generator=g) * 0.7, 0.7
     eps = torch.randn(5, *SHAPE, generator=g)
-    denoised = EmpiricalDenoiser(train)(state, torch.full((5,), sigma))
-    got = step_scores(state, denoised, sigma, train, eps)
-    x, d, y = state.reshape(5, -1).double(), denoised.reshape(5, -1).double(), train.reshape(40, -1).double()
+    denoised = EmpiricalDenoiser(train_4x4)(state, torch.full((5,), sigma))
+    got = step_scores(state, denoised, sigma, train_4x4, eps)
+    x, d, y = state.reshape(5, -1).double(), denoised.reshape(5, -1).double(), train_4x4.reshape(40, -1).double()
     e = eps.reshape(5, -1).double()
     dims = x.shape[1]
     deviation = [abs(math.log(float((x[i] - d[i]).norm()) / (sigma * math.sqrt(dims)))) for i in range(5)]
@@ -74,12 +60,12 @@ def test_step_scores_match_a_direct_computation(train):
     assert set(got) == set(SCORES) and all(v.dtype == torch.float64 and v.shape == (5,) for v in got.values())
 
 
-def test_noise_suppression_follows_the_exact_gaussian_flow(train):
+def test_noise_suppression_follows_the_exact_gaussian_flow(train_4x4):
     """Data N(0, s^2 I): the exact flow gives 1 - t t_0 / (sqrt(s^2 + t^2) sqrt(s^2 + t_0^2)) at every level t of
     the schedule, up to Heun's error (second order: 4.9e-3 at 40 steps, 1.2e-3 at 80, 2.8e-4 at 160)."""
     s = 0.5
     gaussian = GaussianDenoiser(torch.zeros(16, dtype=torch.float64), s**2 * torch.eye(16, dtype=torch.float64))
-    scored = score_trajectories(gaussian, train, SHAPE, range(6), SamplingSettings(steps=80, batch_size=8))
+    scored = score_trajectories(gaussian, train_4x4, SHAPE, range(6), SamplingSettings(steps=80, batch_size=8))
     t, t0 = scored.sigmas, float(scored.sigmas[0])
     exact = 1 - t * t0 / ((s**2 + t**2).sqrt() * math.sqrt(s**2 + t0**2))
     torch.testing.assert_close(scored.scores["noise_suppression"], exact.expand(6, -1), rtol=0, atol=2e-3)
@@ -92,12 +78,12 @@ def _concat(a: ScoredTrajectories, b: ScoredTrajectories) -> ScoredTrajectories:
 
 
 @pytest.fixture(scope="module")
-def mixture(train):
+def mixture(train_4x4):
     """12 trajectories of the empirical denoiser (it reproduces training images) and 12 of the Gaussian fitted to
     the same images (it does not), 8 Heun steps; sampling seeds 0 and 500."""
     sampling = SamplingSettings(steps=8, batch_size=16)
-    empirical = score_trajectories(EmpiricalDenoiser(train), train, SHAPE, range(12), sampling)
-    gaussian = score_trajectories(GaussianDenoiser.fit(train), train, SHAPE, range(12),
+    empirical = score_trajectories(EmpiricalDenoiser(train_4x4), train_4x4, SHAPE, range(12), sampling)
+    gaussian = score_trajectories(GaussianDenoiser.fit(train_4x4), train_4x4, SHAPE, range(12),
                                   SamplingSettings(steps=8, batch_size=16, seed=500))
     return empirical, gaussian
 
@@ -147,9 +133,9 @@ def test_the_plot_draws_one_line_per_score_and_the_zone(mixture):
     assert any(patch.get_label() == "danger zone" for patch in ax.patches)
 
 
-def test_seed_blocks_must_not_overlap_and_churn_is_refused(train):
+def test_seed_blocks_must_not_overlap_and_churn_is_refused(train_4x4):
     assert check_seeds([0, 100], 100) == [0, 100]
     with pytest.raises(ValueError, match="share noise"):
         check_seeds([0, 50], 100)
     with pytest.raises(ValueError, match="s_churn"):
-        score_trajectories(EmpiricalDenoiser(train), train, SHAPE, range(2), SamplingSettings(s_churn=1.0))
+        score_trajectories(EmpiricalDenoiser(train_4x4), train_4x4, SHAPE, range(2), SamplingSettings(s_churn=1.0))

@@ -21,10 +21,6 @@ from calmwild.settings import SamplingSettings
 SHAPE = (1, 4, 4)
 
 
-@pytest.fixture(scope="module")
-def train():
-    return torch.rand(40, *SHAPE, generator=torch.Generator().manual_seed(0)) * 2 - 1
-
 
 def _scored(values: list[float], memorized: list[bool], steps: int = 3) -> ScoredTrajectories:
     column = torch.tensor(values, dtype=torch.float64)
@@ -71,24 +67,16 @@ def test_calibration_without_both_classes_rejects_nothing_or_refuses():
         calibrate(_scored([0.1, 0.2], [True, False]), EarlyRejectionSettings(step=4), "heun")
 
 
-class RowCounter:
-    def __init__(self, inner):
-        self.inner, self.rows = inner, 0
-
-    def __call__(self, x, sigma):
-        self.rows += x.shape[0]
-        return self.inner(x, sigma)
-
 
 @pytest.mark.parametrize("solver", ["heun", "euler"])
-def test_rejection_accounting_matches_a_counting_denoiser_and_plain_generation(train, solver):
+def test_rejection_accounting_matches_a_counting_denoiser_and_plain_generation(train_4x4, count_rows, solver):
     sampling = SamplingSettings(steps=6, solver=solver, batch_size=5, seed=3)
-    denoiser = RowCounter(GaussianDenoiser.fit(train))
-    probe = score_trajectories(denoiser.inner, train, SHAPE, range(40), sampling)
+    denoiser = count_rows(GaussianDenoiser.fit(train_4x4))
+    probe = score_trajectories(denoiser.inner, train_4x4, SHAPE, range(40), sampling)
     step = 3
     threshold = float(probe.scores["estimate_distance"][:, step - 1].median())  # about half are rejected
     rule = Calibration("estimate_distance", step, threshold, {})
-    out = generate_rejecting(denoiser, train, 8, SHAPE, sampling, rule, progress=False)
+    out = generate_rejecting(denoiser, train_4x4, 8, SHAPE, sampling, rule, progress=False)
     total, head = evaluations_through(6, 6, solver), evaluations_through(step, 6, solver)
     assert len(out.accepted) == 8 and out.samples.shape == (8, *SHAPE)
     attempted = len(out.accepted) + len(out.rejected)
@@ -101,21 +89,22 @@ def test_rejection_accounting_matches_a_counting_denoiser_and_plain_generation(t
     torch.testing.assert_close(out.samples, plain[out.accepted], rtol=1e-5, atol=1e-5)
 
 
-def test_the_stream_stops_at_max_attempts(train):
+def test_the_stream_stops_at_max_attempts(train_4x4):
     sampling = SamplingSettings(steps=4, batch_size=4)
     never = Calibration("estimate_ratio", 2, -math.inf, {})  # rejects everything
-    out = generate_rejecting(EmpiricalDenoiser(train), train, 3, SHAPE, sampling, never, max_attempts=7,
+    out = generate_rejecting(EmpiricalDenoiser(train_4x4), train_4x4, 3, SHAPE, sampling, never, max_attempts=7,
                              progress=False)
     assert out.accepted == [] and out.rejected == list(range(7)) and out.samples.shape == (0, *SHAPE)
     assert out.evaluations == 7 * evaluations_through(2, 4, "heun")
 
 
-def test_sample_rejecting_early_reports_the_rule_and_the_cost(train):
+def test_sample_rejecting_early_reports_the_rule_and_the_cost(train_4x4):
     sampling = SamplingSettings(steps=5, batch_size=8)
     settings = EarlyRejectionSettings(score="posterior_concentration", calibration_num=12, calibration_seed=5000)
     with pytest.raises(ValueError, match="all 12 calibration trajectories are memorized"):
-        sample_rejecting_early(EmpiricalDenoiser(train), train, 4, SHAPE, sampling, settings, 1 / 3, progress=False)
-    filtered, report = sample_rejecting_early(GaussianDenoiser.fit(train), train, 4, SHAPE, sampling, settings,
+        sample_rejecting_early(EmpiricalDenoiser(train_4x4), train_4x4, 4, SHAPE, sampling, settings, 1 / 3,
+                               progress=False)
+    filtered, report = sample_rejecting_early(GaussianDenoiser.fit(train_4x4), train_4x4, 4, SHAPE, sampling, settings,
                                               1 / 3, progress=False)
     # the Gaussian memorizes nothing: no rule can be calibrated, nothing is rejected, the cost is plain generation's
     assert report["calibration"]["num_memorized"] == 0 and "nothing is rejected" in report["calibration"]["note"]
@@ -124,5 +113,5 @@ def test_sample_rejecting_early_reports_the_rule_and_the_cost(train):
     assert report["evaluations"]["filtered_generation"] == report["evaluations"]["plain_generation_of_num"] == 4 * 9
     assert report["evaluations"]["calibration"] == 12 * 9
     with pytest.raises(ValueError, match="overlap"):
-        sample_rejecting_early(EmpiricalDenoiser(train), train, 4, SHAPE, sampling,
+        sample_rejecting_early(EmpiricalDenoiser(train_4x4), train_4x4, 4, SHAPE, sampling,
                                EarlyRejectionSettings(calibration_seed=10), 1 / 3, progress=False)

@@ -171,7 +171,7 @@ def test_logged_sigma_quantiles_are_those_of_the_global_batch(monkeypatch):
     monkeypatch.setattr(module, "_log_sigma_histogram", lambda sigma: logged.append(sigma))
 
     def step(world: int, rank: int, local: int):
-        strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+        strategy = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor * world)  # every rank finite
         module._trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=0, strategy=strategy)
         local_draw, _, _ = module._draw_noise(torch.zeros(local, 1, 8, 8))
         module.training_step([torch.zeros(local, 1, 8, 8)], 0)

@@ -94,16 +94,36 @@ class EpochSeededSampler(DistributedSampler):
         return self.steps_per_epoch * self.batch_size
 
 
-class ResumableDataLoader(DataLoader):
-    """A DataLoader over an :class:`EpochSeededSampler` whose position in the epoch is saved in checkpoints.
+class _EpochPosition:
+    """The position in the epoch that a training loader records in checkpoints (its ``epoch_sampler`` is an
+    :class:`EpochSeededSampler`).
 
     Lightning stores ``state_dict()`` of a training dataloader that has ``state_dict`` / ``load_state_dict`` in the
     checkpoint (``loops.fit_loop.state_dict.combined_loader``) and hands it back on resume before the first batch;
     without it Lightning restarts an interrupted epoch from its first batch while counting the batches already done
     (a different data order than the uninterrupted run). The position is counted in batches handed to the training
-    loop, not in indices drawn from the sampler, so worker prefetching does not shift it. Iteration is lazy: the
-    sampler starts when the first batch is requested, after Lightning's ``set_epoch``.
-    """
+    loop, not in indices drawn from the sampler, so prefetching does not shift it."""
+
+    epoch_sampler: EpochSeededSampler
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, served = getattr(self, "_position", (self.epoch_sampler.epoch, 0))
+        return {"epoch": epoch, "batches_served": served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, served = int(state["epoch"]), int(state["batches_served"])
+        sampler = self.epoch_sampler
+        if served >= sampler.steps_per_epoch:  # saved after the epoch's last batch: the next epoch starts afresh
+            epoch, served = epoch + 1, 0
+        sampler.set_epoch(epoch)
+        sampler.resume_at(epoch, served)
+        self._position = (epoch, served)
+
+
+class ResumableDataLoader(_EpochPosition, DataLoader):
+    """A DataLoader over an :class:`EpochSeededSampler` whose position in the epoch is saved in checkpoints
+    (:class:`_EpochPosition`). Iteration is lazy: the sampler starts when the first batch is requested, after
+    Lightning's ``set_epoch``."""
 
     @property
     def epoch_sampler(self) -> EpochSeededSampler:
@@ -118,18 +138,39 @@ class ResumableDataLoader(DataLoader):
             self._position = (sampler.epoch, served)
             yield batch
 
-    def state_dict(self) -> dict[str, int]:
-        epoch, served = getattr(self, "_position", (self.epoch_sampler.epoch, 0))
-        return {"epoch": epoch, "batches_served": served}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        epoch, served = int(state["epoch"]), int(state["batches_served"])
-        sampler = self.epoch_sampler
-        if served >= sampler.steps_per_epoch:  # saved after the epoch's last batch: the next epoch starts afresh
-            epoch, served = epoch + 1, 0
-        sampler.set_epoch(epoch)
-        sampler.resume_at(epoch, served)
-        self._position = (epoch, served)
+class DeviceBatches(_EpochPosition):
+    """The training batches of an in-memory set, gathered by index where training runs: batch k is one
+    ``index_select`` of the served images (and labels), already on the device, with the indices of the
+    :class:`EpochSeededSampler`'s k-th slice -- no per-image collation and no host-to-device copy per step. The
+    (seed, epoch) order, the DDP slicing and the mid-epoch resume are those of :class:`ResumableDataLoader` (the same
+    ``state_dict``, :class:`_EpochPosition`); Lightning calls ``set_epoch`` on :attr:`sampler`.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], sampler: EpochSeededSampler, device: torch.device):
+        self.sampler = sampler
+        self.device = device
+        self._tensors = [t.to(device) for t in tensors]
+        self._position = (sampler.epoch, 0)
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def __iter__(self):
+        sampler, size = self.sampler, self.sampler.batch_size
+        served = sampler.first_batch()
+        self._position = (sampler.epoch, served)
+        order = torch.as_tensor(list(sampler), dtype=torch.long, device=self.device)  # this rank, from batch `served`
+        for start in range(0, order.numel(), size):
+            index = order[start : start + size]
+            batch = [t.index_select(0, index) for t in self._tensors]
+            served += 1
+            self._position = (sampler.epoch, served)
+            yield batch
+
+    @property
+    def epoch_sampler(self) -> EpochSeededSampler:
+        return self.sampler
 
 
 def _jsonable(value: Any) -> Any:
@@ -162,8 +203,9 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
 
     Args:
         batch_size: images per training batch (per device); must not exceed the number of served training images.
-        num_workers: dataloader worker processes; 0 (default) serves from the main process, which is fastest for
-            in-memory tensors. Workers are kept alive between epochs when > 0.
+        num_workers: dataloader worker processes; 0 (default) keeps the set on the training device and gathers
+            each batch there by index (:class:`DeviceBatches`), which is fastest for in-memory tensors; > 0 collates
+            on the host in workers kept alive between epochs.
         seed: seed of the per-epoch shuffling order.
         pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
     """
@@ -247,12 +289,13 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DeviceBatches | DataLoader:
         """Batches of exactly ``batch_size`` served images (and labels) per rank, shuffled per epoch
         (:class:`EpochSeededSampler`: under DDP each rank serves its slice of a global batch of
-        ``batch_size * world_size``), resumable mid-epoch (:class:`ResumableDataLoader`). The last partial global
-        batch is dropped, so ``batch_size * world_size`` may not exceed the number of served images (ValueError naming
-        the numbers)."""
+        ``batch_size * world_size``), resumable mid-epoch. The last partial global batch is dropped, so
+        ``batch_size * world_size`` may not exceed the number of served images (ValueError naming the numbers).
+        Without workers the set lives on the training device and each batch is gathered there
+        (:class:`DeviceBatches`); with ``num_workers`` > 0 a :class:`ResumableDataLoader` collates on the host."""
         served = len(self.served_images)
         world, rank = self._distribution()
         if self.batch_size * world > served:
@@ -264,6 +307,10 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
         tensors = [self.served_images] if self.served_labels is None else [self.served_images, self.served_labels]
         dataset = TensorDataset(*tensors)
         sampler = EpochSeededSampler(dataset, seed=self.seed, batch_size=self.batch_size, num_replicas=world, rank=rank)
+        if self.num_workers == 0:
+            trainer = getattr(self, "trainer", None)
+            return DeviceBatches(tensors, sampler, trainer.strategy.root_device if trainer is not None else
+                                 torch.device("cpu"))
         return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -1,20 +1,16 @@
 """Monte Carlo machinery shared by the geometry curves of paper Section 4: points as flat tensors, seeded
-generators on the data's device, noisy copies of base points with common random numbers across noise levels,
-cluster standard errors, exact pair distances, and the unit roundoff of the distance products."""
+generators on the data's device, cluster standard errors, exact pair distances, and the unit roundoff of the distance
+products (the noisy copies themselves are :mod:`calmwild.geometry.levels`')."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import Any
 
 import torch
 
 from calmwild.checks import check_positive
 from calmwild.neighbors import flatten
 
-# Elements of Gaussian noise held at once per block of base points (64 MiB in float32).
-NOISE_BUDGET = 1 << 24
 # Elements per batch when distances of explicit (query, reference) pairs are recomputed in float64.
 PAIR_BUDGET = 1 << 22
 
@@ -60,39 +56,6 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     if dtype == torch.float64:
         return 2.0**-53
     return {"highest": 2.0**-24, "high": 2.0**-11, "medium": 2.0**-8}[torch.get_float32_matmul_precision()]
-
-
-def noisy_copies(
-    base: torch.Tensor,
-    sigmas: torch.Tensor,
-    num_noises: int,
-    generator: torch.Generator,
-    batch_size: int,
-    bar: Any = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Noisy copies x = base[p] + sigma_s * n_{p,k} of every base point p, noise k and level s, in batches.
-
-    The same noises n_{p,k} are used at every level (common random numbers), so the curves over sigma are smooth
-    and their differences between levels are estimated with little noise. Batches mix levels: each yields
-    (x [B, d], sigma [B], cell [B] = s * P + p, p [B]).
-    """
-    num_base, dim = base.shape
-    num_levels = sigmas.shape[0]
-    block = max(1, min(num_base, NOISE_BUDGET // max(1, num_noises * dim)))
-    for p0 in range(0, num_base, block):
-        pb = min(block, num_base - p0)
-        noise = torch.randn(pb, num_noises, dim, generator=generator, device=base.device, dtype=base.dtype)
-        total = num_levels * pb * num_noises
-        for start in range(0, total, batch_size):
-            flat = torch.arange(start, min(start + batch_size, total), device=base.device)
-            level = flat // (pb * num_noises)
-            local = (flat % (pb * num_noises)) // num_noises
-            k = flat % num_noises
-            sig = sigmas[level]
-            x = base[p0 + local] + sig.unsqueeze(1) * noise[local, k]
-            if bar is not None:
-                bar.update(int(flat.numel()))
-            yield x, sig, level * num_base + p0 + local, p0 + local
 
 
 def pair_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -149,15 +149,17 @@ def risk_scores(
     """Every per-image risk score of a training set (float64 [N] each, higher = more at risk), keyed by name:
     ``nearest_neighbor`` (:data:`PRIMARY_SCORE`), ``knn<k>_distance`` (k clipped to N - 1) and, when a bandwidth
     ``sigma`` is given (e.g. :func:`danger_zone_bandwidth`), ``kernel_self_weight`` and ``expected_self_weight``
-    (``num_noises`` Monte Carlo noises from a generator seeded with ``seed``)."""
+    (``num_noises`` Monte Carlo noises from a generator seeded with ``seed``). Every score is computed on ``device``
+    (default: where ``train`` is)."""
     train = check_images(train, "train", min_count=2, finite=True)
     k = min(check_count(k, "k"), train.shape[0] - 1)
     scores = {PRIMARY_SCORE: nearest_neighbor_score(train, device),
               f"knn{k}_distance": knn_distance_score(train, k, device)}
     if sigma is not None:
-        scores["kernel_self_weight"] = kernel_self_weight(train, sigma)
+        placed = train.to(device) if device is not None else train
+        scores["kernel_self_weight"] = kernel_self_weight(placed, sigma)
         scores["expected_self_weight"] = expected_self_weight(
-            train, sigma, num_noises, generator=torch.Generator().manual_seed(int(seed)))
+            placed, sigma, num_noises, generator=torch.Generator().manual_seed(int(seed)))
     return scores
 
 

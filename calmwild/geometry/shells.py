@@ -17,17 +17,17 @@ from scipy.stats import chi2, ncx2, norm
 from tqdm.auto import tqdm
 
 from calmwild.checks import check_count, check_sigmas
+from calmwild.geometry.levels import MARGIN_FACTOR, level_terms, noise_blocks, squared_at
 from calmwild.geometry.noise import (
     PAIR_BUDGET,
     as_points,
     check_shell_t,
     cluster_mean_se,
-    noisy_copies,
     pair_distances,
     seeded_generator,
     unit_roundoff,
 )
-from calmwild.neighbors import knn, squared_distances
+from calmwild.neighbors import knn
 
 
 def shell_radii(d: int, t: float = 5.0) -> tuple[float, float]:
@@ -65,54 +65,57 @@ class CoverageCurve:
         return {"coverage": {"mean": self.coverage.tolist(), "se": self.coverage_se.tolist()}}
 
 
-def _any_in_shell(
-    x: torch.Tensor,
-    lo2: torch.Tensor,
-    hi2: torch.Tensor,
+def _in_shells(
+    base: torch.Tensor,
+    noise: torch.Tensor,
     y: torch.Tensor,
     y_sq: torch.Tensor,
+    sigmas: Sequence[float],
+    lo2: torch.Tensor,
+    hi2: torch.Tensor,
     chunk_size: int,
 ) -> torch.Tensor:
-    """For each row x_q: does ANY reference y_j satisfy lo2_q <= ||x_q - y_j||^2 <= hi2_q?  (bool [B])
+    """For every level s and noisy copy x = b_p + sigma_s n_pk: does ANY training point y_j satisfy
+    lo2 <= ||x - y_j||^2 <= hi2? ``lo2`` / ``hi2`` broadcast to [S, P, M]; returns bool [S, P, M].
 
-    Squared distances come from one matrix product per chunk (``squared_distances``); its rounding error is at most
-    about 2 gamma_d (||x||^2 + ||y||^2) with gamma_d = d u / (1 - d u) (inner products of length d at unit roundoff
-    u). One margin per row, M_q = tol (||x_q||^2 + max_j ||y_j||^2) + 4 u hi2_q, bounds that error for every pair of
-    the chunk: a computed value in [lo2 + M, hi2 - M] is certainly inside the shell, one outside [lo2 - M, hi2 + M]
-    certainly outside. Only a row with no certain hit has its pairs in between recomputed exactly as
-    sum((x - y)^2) in float64, so membership is decided exactly (for the stored query values) at any noise level.
-    Rows already covered are dropped from later chunks.
-    """
-    b, dim = x.shape
+    Squared distances at every level come from one product per chunk (:mod:`calmwild.geometry.levels`). A computed
+    value within the per-copy margin M = MARGIN_FACTOR (2 gamma + 8 u) (||b|| + max ||y|| + sigma ||n||)^2 + 4 u hi2
+    of a boundary is undecided: a copy without a certain hit has those pairs recomputed from explicit differences in
+    float64, so membership is decided exactly at any noise level. Levels whose copies are all covered are skipped
+    in later chunks."""
+    num_levels, (p, m, dim) = len(sigmas), noise.shape
+    lo2, hi2 = lo2.expand(num_levels, p, m), hi2.expand(num_levels, p, m)
     u = unit_roundoff(y.dtype)
-    # When d u >= 1/2 the bound is vacuous; a margin of 2 (||x||^2 + ||y||^2) then sends every pair to float64.
+    # When d u >= 1/2 the bound is vacuous; a margin of the whole magnitude then sends every pair to float64.
     gamma = dim * u / (1.0 - dim * u) if dim * u < 0.5 else 1.0
-    tol = 2.0 * gamma + 8.0 * u
-    covered = torch.zeros(b, dtype=torch.bool, device=y.device)
-    x_sq = (x * x).sum(dim=1)
+    tol = MARGIN_FACTOR * (2.0 * gamma + 8.0 * u)
+    reach = base.norm(dim=1).unsqueeze(1) + float(y_sq.max().sqrt())  # ||b|| + max ||y||, [P, 1]
+    noise_norm = noise.norm(dim=2)
+    covered = torch.zeros(num_levels, p, m, dtype=torch.bool, device=y.device)
     pair_batch = max(1, PAIR_BUDGET // dim)
     for start in range(0, y.shape[0], chunk_size):
-        active = (~covered).nonzero(as_tuple=True)[0]
-        if active.numel() == 0:
+        open_levels = [s for s in range(num_levels) if not bool(covered[s].all())]
+        if not open_levels:
             break
         stop = min(start + chunk_size, y.shape[0])
-        xa, yc = x[active], y[start:stop]
-        d2 = squared_distances(xa, yc, y_sq[start:stop])
-        lo = lo2[active].to(d2.dtype).unsqueeze(1)
-        hi = hi2[active].to(d2.dtype).unsqueeze(1)
-        margin = tol * (x_sq[active].unsqueeze(1) + y_sq[start:stop].max()) + 4.0 * u * hi
-        hit = ((d2 >= lo + margin) & (d2 <= hi - margin)).any(dim=1)
-        missed = (~hit).nonzero(as_tuple=True)[0]
-        # in a row without a certain hit, every pair inside the widened shell is near a boundary: decide it exactly
-        near = (d2[missed] >= lo[missed] - margin[missed]) & (d2[missed] <= hi[missed] + margin[missed])
-        rows, cols = near.nonzero(as_tuple=True)
-        rows = missed[rows]
-        for s in range(0, rows.numel(), pair_batch):
-            r, c = rows[s : s + pair_batch], cols[s : s + pair_batch]
-            exact = (xa[r].to(torch.float64) - yc[c].to(torch.float64)).pow(2).sum(dim=1)
-            inside = (exact >= lo2[active[r]]) & (exact <= hi2[active[r]])
-            hit[r[inside]] = True
-        covered[active] |= hit
+        terms = level_terms(base, noise, y[start:stop], y_sq[start:stop])
+        for s in open_levels:
+            sigma = sigmas[s]
+            d2 = squared_at(terms, sigma)
+            margin = (tol * (reach + sigma * noise_norm) ** 2 + 4.0 * u * hi2[s]).unsqueeze(2)
+            lo, hi = lo2[s].unsqueeze(2), hi2[s].unsqueeze(2)
+            hit = ((d2 >= lo + margin) & (d2 <= hi - margin)).any(dim=2)
+            # a copy without a certain hit: every pair within the widened shell is near a boundary, decide it exactly
+            rows, ks = (~hit & ~covered[s]).nonzero(as_tuple=True)
+            near = (d2[rows, ks] >= lo[rows, ks] - margin[rows, ks]) & (d2[rows, ks] <= hi[rows, ks] + margin[rows, ks])
+            pick, cols = near.nonzero(as_tuple=True)
+            for b0 in range(0, pick.numel(), pair_batch):
+                r, k, c = rows[pick[b0 : b0 + pair_batch]], ks[pick[b0 : b0 + pair_batch]], cols[b0 : b0 + pair_batch]
+                x = base[r].to(torch.float64) + sigma * noise[r, k].to(torch.float64)
+                exact = (x - y[start + c].to(torch.float64)).pow(2).sum(dim=1)
+                inside = (exact >= lo2[s, r, k].to(torch.float64)) & (exact <= hi2[s, r, k].to(torch.float64))
+                hit[r[inside], k[inside]] = True
+            covered[s] |= hit
     return covered
 
 
@@ -136,7 +139,7 @@ def shell_coverage(
     x runs over ``num_queries`` held-out points drawn without replacement (all of them if there are fewer), each
     with ``num_noises`` noises shared across levels. A noisy point is covered iff SOME training point lies at a
     distance in [sigma r_-, sigma r_+] -- not only the nearest one, which may be too close (inside r_-). The test
-    is exact (see :func:`_any_in_shell`); pass float64 tensors to avoid almost all float64 recomputation.
+    is exact (see :func:`_in_shells`); pass float64 tensors to avoid almost all float64 recomputation.
     The standard error is std / sqrt(Q) of the per-query coverage fractions (clusters = held-out points).
     """
     y = as_points(train, "train", min_count=1)
@@ -151,18 +154,18 @@ def shell_coverage(
     h = h.to(device=y.device, dtype=y.dtype)
     gen = seeded_generator(y.device, seed)
     query_index = torch.randperm(h.shape[0], generator=gen, device=y.device)[: min(num_queries, h.shape[0])]
-    q, num_levels = query_index.shape[0], sig.shape[0]
-    sig_dev = sig.to(y.device)
-    lo2_levels, hi2_levels = (sig_dev * r_minus) ** 2, (sig_dev * r_plus) ** 2
+    q, levels = query_index.shape[0], sig.tolist()
+    bounds = torch.tensor(levels, dtype=torch.float64, device=y.device).reshape(-1, 1, 1)
+    lo2, hi2 = (bounds * r_minus) ** 2, (bounds * r_plus) ** 2
     y_sq = (y * y).sum(dim=1)
-    hits = torch.zeros(num_levels * q, dtype=torch.float64, device=y.device)
-    total = num_levels * q * num_noises
-    with tqdm(total=total, desc="shell coverage", unit="query", disable=not progress) as bar:
-        for x, _, cell, _ in noisy_copies(h[query_index], sig_dev.to(y.dtype), num_noises, gen, batch_size, bar):
-            level = cell // q
-            inside = _any_in_shell(x, lo2_levels[level], hi2_levels[level], y, y_sq, chunk_size)
-            hits.index_add_(0, cell, inside.to(torch.float64))
-    mean, se = cluster_mean_se((hits / num_noises).reshape(num_levels, q).cpu())
+    fractions = torch.zeros(len(levels), q, dtype=torch.float64, device=y.device)
+    with tqdm(total=len(levels) * q * num_noises, desc="shell coverage", unit="query", disable=not progress) as bar:
+        for q0, noise in noise_blocks(h[query_index], num_noises, gen, batch_size):
+            base = h[query_index[q0 : q0 + noise.shape[0]]]
+            covered = _in_shells(base, noise, y, y_sq, levels, lo2.to(y.dtype), hi2.to(y.dtype), chunk_size)
+            fractions[:, q0 : q0 + noise.shape[0]] = covered.double().mean(dim=2)
+            bar.update(len(levels) * noise.shape[0] * num_noises)
+    mean, se = cluster_mean_se(fractions.cpu())
     return CoverageCurve(sig, mean, se, q, num_noises, float(t))
 
 

@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from calmwild.checks import check_count, check_sigmas
 from calmwild.geometry.zone import level_crossings
-from calmwild.geometry.noise import as_points, cluster_mean_se, noisy_copies, pair_distances, seeded_generator
+from calmwild.geometry.levels import level_terms, logits_at, noise_blocks
+from calmwild.geometry.noise import as_points, cluster_mean_se, pair_distances, seeded_generator
 from calmwild.neighbors import knn, squared_distances
-from calmwild.posterior import posterior_summary
+from calmwild.posterior import EXP_UNDERFLOW
 
 
 @dataclass
@@ -56,7 +57,7 @@ def posterior_weight_curves(
 
         m(sigma)  = E_{i0 ~ uniform(Y)} E_n [ max_i w_i(y_i0 + sigma n, sigma) ],
         self(sigma) = E_{i0 ~ uniform(Y)} E_n [ w_i0(y_i0 + sigma n, sigma) ],
-        w_i(x, sigma) = softmax_i(-||x - y_i||^2 / (2 sigma^2))   (eq. 3; :func:`calmwild.posterior.posterior_summary`).
+        w_i(x, sigma) = softmax_i(-||x - y_i||^2 / (2 sigma^2))   (eq. 3).
 
     The expectation is over TRAINING points only (the paper's definition). ``num_points`` base points are drawn
     uniformly without replacement (all of them if the set is smaller), each noised with ``num_noises`` Gaussian
@@ -64,32 +65,47 @@ def posterior_weight_curves(
     for the correlation of the noises of one base point. App. E.3 used 100 base points x 400 noises; the error is
     dominated by the spread between base points, so the default of 100 noises loses little and is 4x cheaper.
 
-    All levels are evaluated in the same batches (per-query sigma); memory is O(batch_size * chunk_size).
+    All levels come from one matrix product per block of ``batch_size`` noisy copies and chunk of ``chunk_size``
+    training points (:mod:`calmwild.geometry.levels`); the softmax is a streaming log-sum-exp per copy and level,
+    so memory is O(batch_size * chunk_size) at any N. The noised point's own logit is exactly 0 (relative to the
+    per-copy constant the softmax does not see), not a rounded difference of large numbers.
     """
     y = as_points(train, "train", min_count=1)
     sig = check_sigmas(sigmas)
     num_points = check_count(num_points, "num_points")
     num_noises = check_count(num_noises, "num_noises")
     batch_size = check_count(batch_size, "batch_size")
-    n, num_levels = y.shape[0], sig.shape[0]
+    n, levels = y.shape[0], sig.tolist()
     gen = seeded_generator(y.device, seed)
     base_index = torch.randperm(n, generator=gen, device=y.device)[: min(num_points, n)]
     p = base_index.shape[0]
     sq_norms = (y * y).sum(dim=1)
-    sum_max = torch.zeros(num_levels * p, dtype=torch.float64, device=y.device)
-    sum_self = torch.zeros_like(sum_max)
-    total = num_levels * p * num_noises
-    with tqdm(total=total, desc="posterior weights", unit="query", disable=not progress) as bar:
-        for x, s, cell, pt in noisy_copies(
-            y[base_index], sig.to(device=y.device, dtype=y.dtype), num_noises, gen, batch_size, bar
-        ):
-            out = posterior_summary(
-                x, y, s, self_index=base_index[pt], want_mean=False, chunk_size=chunk_size, train_sq_norms=sq_norms
-            )
-            sum_max.index_add_(0, cell, out.max_weight.to(torch.float64))
-            sum_self.index_add_(0, cell, out.self_weight.to(torch.float64))
-    max_mean, max_se = cluster_mean_se((sum_max / num_noises).reshape(num_levels, p).cpu())
-    self_mean, self_se = cluster_mean_se((sum_self / num_noises).reshape(num_levels, p).cpu())
+    floor = EXP_UNDERFLOW[y.dtype]
+    max_weight = torch.zeros(len(levels), p, dtype=torch.float64, device=y.device)
+    self_weight = torch.zeros_like(max_weight)
+    with tqdm(total=len(levels) * p * num_noises, desc="posterior weights", unit="query", disable=not progress) as bar:
+        for p0, noise in noise_blocks(y[base_index], num_noises, gen, batch_size):
+            own = base_index[p0 : p0 + noise.shape[0]]
+            run_max = torch.full((len(levels), *noise.shape[:2]), -torch.inf, dtype=y.dtype, device=y.device)
+            run_sum = torch.zeros_like(run_max)
+            for start in range(0, n, chunk_size):
+                stop = min(start + chunk_size, n)
+                terms = level_terms(y[own], noise, y[start:stop], sq_norms[start:stop])
+                rows = ((own >= start) & (own < stop)).nonzero(as_tuple=True)[0]
+                terms.a[rows, own[rows] - start] = 0.0  # the noised point itself: ||b - y|| = 0 exactly
+                terms.b[rows, :, own[rows] - start] = 0.0
+                for s, sigma in enumerate(levels):
+                    logits = logits_at(terms, sigma)
+                    new_max = torch.maximum(run_max[s], logits.amax(dim=2))
+                    probs = logits.sub_(new_max.unsqueeze(2)).clamp_min_(floor).exp_()
+                    run_sum[s] = run_sum[s] * torch.exp(run_max[s] - new_max) + probs.sum(dim=2)
+                    run_max[s] = new_max
+            cols = slice(p0, p0 + noise.shape[0])
+            max_weight[:, cols] = (1.0 / run_sum).double().mean(dim=2)
+            self_weight[:, cols] = (torch.exp(-run_max) / run_sum).double().mean(dim=2)
+            bar.update(len(levels) * noise.shape[0] * num_noises)
+    max_mean, max_se = cluster_mean_se(max_weight.cpu())
+    self_mean, self_se = cluster_mean_se(self_weight.cpu())
     return WeightCurves(sig, max_mean, max_se, self_mean, self_se, p, num_noises)
 
 

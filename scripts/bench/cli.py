@@ -13,10 +13,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from . import empirical, geometry, kid, neighbors, precision, reference, sampling, training
+from pathlib import Path
+
+from . import budget, empirical, geometry, kid, neighbors, network, precision, reference, sampling, training
 from .common import environment, precision_state, say
 
-BENCHMARKS = ("training", "sampling", "knn", "empirical", "geometry", "precision", "kid")
+BENCHMARKS = ("training", "network", "sampling", "knn", "empirical", "geometry", "precision", "kid", "budget")
 
 CIFAR_UNET = {"img_resolution": 32, "in_channels": 3, "model_channels": 128, "channel_mult": [2, 2, 2],
               "num_blocks": 4, "attn_resolutions": [16], "dropout": 0.13}
@@ -54,21 +56,24 @@ class Sizes:
     kid_dim: int
     kid_subsets: int
     kid_subset_size: int
+    budget_batch: int
 
 
 PRESETS = {
-    "cifar": Sizes(unet=CIFAR_UNET, batch_size=128, warmup_steps=10, timed_steps=50, train_repeats=3,
-                   num_samples=512, sample_batch_size=512, sampling_steps=18, knn_queries=10_000,
+    "cifar": Sizes(unet=CIFAR_UNET, batch_size=128, warmup_steps=10, timed_steps=30, train_repeats=2,
+                   num_samples=256, sample_batch_size=256, sampling_steps=18, knn_queries=10_000,
                    num_references=50_000, data_shape=(3, 32, 32), num_queries=1000,
                    empirical_sigmas=(0.02, 0.2, 1.0, 5.0, 40.0), num_sigmas=40, base_points=100, noises=10,
-                   repeats=3, precision_steps=1500, precision_heldout=1000, precision_noises=4,
-                   kid_samples=10_000, kid_reference=10_000, kid_dim=2048, kid_subsets=100, kid_subset_size=1000),
+                   repeats=3, precision_steps=300, precision_heldout=1000, precision_noises=4,
+                   kid_samples=10_000, kid_reference=10_000, kid_dim=2048, kid_subsets=100, kid_subset_size=1000,
+                   budget_batch=128),
     "quick": Sizes(unet=QUICK_UNET, batch_size=32, warmup_steps=3, timed_steps=15, train_repeats=3,
                    num_samples=32, sample_batch_size=32, sampling_steps=18, knn_queries=500,
                    num_references=5000, data_shape=(1, 16, 16), num_queries=500,
                    empirical_sigmas=(0.02, 0.2, 1.0, 5.0, 40.0), num_sigmas=40, base_points=20, noises=10,
                    repeats=3, precision_steps=300, precision_heldout=256, precision_noises=2,
-                   kid_samples=1024, kid_reference=1024, kid_dim=64, kid_subsets=100, kid_subset_size=1000),
+                   kid_samples=1024, kid_reference=1024, kid_dim=64, kid_subsets=100, kid_subset_size=1000,
+                   budget_batch=4),
 }
 
 # command-line flag -> Sizes field, for the size overrides
@@ -80,6 +85,7 @@ _OVERRIDES = {
     "repeats": "repeats", "precision_steps": "precision_steps", "precision_heldout": "precision_heldout",
     "precision_noises": "precision_noises", "kid_samples": "kid_samples", "kid_reference": "kid_reference",
     "kid_dim": "kid_dim", "kid_subsets": "kid_subsets", "kid_subset_size": "kid_subset_size",
+    "budget_batch": "budget_batch",
 }
 
 
@@ -115,6 +121,8 @@ def parser() -> argparse.ArgumentParser:
                    help="training variants (default: all five on CUDA, fp32 on CPU)")
     p.add_argument("--memory-fraction", type=_fraction, default=0.5,
                    help="dense naive references run only if they need at most this share of free memory")
+    p.add_argument("--edm-repo", type=Path, default=None,
+                   help="a checkout of github.com/NVlabs/edm: its SongUNet is the network benchmark's peer")
     sizes = p.add_argument_group("size overrides (default: from the preset)")
     for flag in _OVERRIDES:
         sizes.add_argument(f"--{flag.replace('_', '-')}", type=_positive_int, dest=flag)
@@ -148,6 +156,10 @@ def _run_one(name: str, sizes: Sizes, device: torch.device, args: argparse.Names
                                            else training.CPU_VARIANTS))
         return training.run(sizes.unet, device, sizes.batch_size, sizes.warmup_steps, sizes.timed_steps,
                             sizes.train_repeats, variants)
+    if name == "network":
+        return network.run(sizes.unet, device, sizes.batch_size, sizes.repeats, args.edm_repo)
+    if name == "budget":
+        return budget.run(device, sizes.budget_batch, sizes.repeats)
     if name == "sampling":
         return sampling.run(sizes.unet, device, sizes.num_samples, sizes.sample_batch_size, sizes.sampling_steps,
                             sizes.repeats)

@@ -1,6 +1,7 @@
 """Geometry curves (the paper's Figure 3): ``calmwild.geometry.posterior_weight_curves`` and ``shell_coverage`` over
-S noise levels, against a naive Python loop over the levels that computes each level by brute force (dense [Q, N]
-distance matrix of that level's noisy queries, full softmax / any-in-shell test).
+S noise levels, against the plain code a user would write: a Python loop over the levels that computes each level by
+brute force (dense [Q, N] distance matrix of that level's noisy queries, full softmax / any-in-shell test), batched
+over all queries of a level, once in float64 and once in float32.
 
 Queries per level: ``points`` base points x ``noises`` noises (P x M) for both curves. The two implementations draw
 their own noise, so their curves are independent Monte Carlo estimates of the same quantities; the report gives the
@@ -66,11 +67,13 @@ def run(num_train: int, shape: tuple[int, int, int], num_sigmas: int, points: in
         "shell_coverage": lambda: shell_coverage(train, heldout, sigmas, num_queries=points, num_noises=noises,
                                                  seed=0),
     }
-    naive = {
-        "naive_weight_loop": lambda: naive_weight_curves(train, sigmas, points, noises, seed=1),
-        "naive_coverage_loop": lambda: naive_coverage(train, heldout, sigmas, points, noises, seed=1),
-    }
-    fits, note = dense_fits(3 * 4 * points * noises * num_train, device, memory_fraction)
+    naive = {}
+    for precision, dtype in (("float64", torch.float64), ("float32", torch.float32)):
+        y, h = train.to(dtype), heldout.to(dtype)
+        naive[f"naive_weight_loop_{precision}"] = lambda y=y: naive_weight_curves(y, sigmas, points, noises, seed=1)
+        naive[f"naive_coverage_loop_{precision}"] = lambda y=y, h=h: naive_coverage(y, h, sigmas, points, noises,
+                                                                                   seed=1)
+    fits, note = dense_fits(3 * 8 * points * noises * num_train, device, memory_fraction)
     with tf32(False) as settings:
         times, results = time_side_by_side({**library, **(naive if fits else {})}, device, repeats)
 
@@ -91,16 +94,17 @@ def run(num_train: int, shape: tuple[int, int, int], num_sigmas: int, points: in
         "calmwild_total_seconds": total,
     }
     if fits:
-        naive_total = median("naive_weight_loop") + median("naive_coverage_loop")
         weights, coverage = results["posterior_weight_curves"], results["shell_coverage"]
-        naive_max, naive_self = results["naive_weight_loop"]
+        naive_max, naive_self = results["naive_weight_loop_float64"]
         out["naive"] = {name: entry(name) for name in naive}
-        out["naive_total_seconds"] = naive_total
-        out["ratio_naive_to_calmwild_seconds"] = ratio(naive_total, total)
+        for precision in ("float64", "float32"):
+            naive_total = median(f"naive_weight_loop_{precision}") + median(f"naive_coverage_loop_{precision}")
+            out[f"naive_{precision}_total_seconds"] = naive_total
+            out[f"speed_ratio_calmwild_to_naive_{precision}"] = ratio(naive_total, total)
         out["agreement"] = {
             "max_weight_max_abs_diff": float((weights.max_weight - naive_max).abs().max()),
             "self_weight_max_abs_diff": float((weights.self_weight - naive_self).abs().max()),
-            "coverage_max_abs_diff": float((coverage.coverage - results["naive_coverage_loop"]).abs().max()),
+            "coverage_max_abs_diff": float((coverage.coverage - results["naive_coverage_loop_float64"]).abs().max()),
             "calmwild_max_standard_error": float(torch.nan_to_num(torch.cat(
                 [weights.max_weight_se, weights.self_weight_se, coverage.coverage_se])).max()),
         }

@@ -5,6 +5,11 @@ The reference is the library default: ODE state in float64, network in true floa
 the state in float32 and, on CUDA, run the network with TF32 or under bf16 autocast. Every path starts from the same
 per-image seeded noise, so the max |x_fast - x_reference| over all samples is the tolerance the fast path costs.
 
+Peer: k-diffusion's ``sample_heun`` (Crowson's implementation of EDM's Algorithm 2, on ``get_sigmas_karras``, the
+same schedule) with the same denoiser and the same per-image noise, state in float32, when ``k_diffusion`` is
+installed (``pip install k-diffusion``; never a calmwild dependency). Its samples and speed are compared with the
+reference path's.
+
 The network has random weights: every Conv2d/Linear is re-initialised with PyTorch's default (``reset_parameters``),
 because calmwild's zero-initialised output layers would make D(x) = c_skip x, an affine map that no precision
 setting could perturb.
@@ -20,7 +25,7 @@ from torch import nn
 
 from calmwild.denoisers import NetworkDenoiser
 from calmwild.precond import EDMPrecond
-from calmwild.sampling import generate
+from calmwild.sampling import generate, noise_for_indices
 from calmwild.unet import UNet
 
 from .common import rate, ratio, say, time_side_by_side, tf32
@@ -65,6 +70,28 @@ def _sampler(denoiser: NetworkDenoiser, variant: SamplerVariant, device: torch.d
     return call
 
 
+def k_diffusion_heun(denoiser: NetworkDenoiser, device: torch.device, num: int, batch_size: int, steps: int,
+                     shape: tuple[int, int, int]):
+    """k-diffusion's Heun sampler over the same per-image noise as :func:`calmwild.sampling.generate` (seed 0), or
+    None with the reason when k-diffusion is not installed."""
+    try:
+        from k_diffusion import sampling as kd
+    except ImportError:
+        return None, "k-diffusion not installed (pip install k-diffusion): peer skipped"
+    sigmas = kd.get_sigmas_karras(steps, 0.002, 80.0, rho=7.0, device=device)
+
+    def call() -> torch.Tensor:
+        with tf32(False):
+            return torch.cat([
+                kd.sample_heun(denoiser, noise_for_indices(range(start, min(start + batch_size, num)), shape, 0)
+                               .to(device) * sigmas[0], sigmas, disable=True).cpu()
+                for start in range(0, num, batch_size)])
+
+    from importlib.metadata import version
+
+    return call, f"k-diffusion {version('k-diffusion')}"
+
+
 def run(unet_config: dict, device: torch.device, num: int, batch_size: int, steps: int, repeats: int) -> dict:
     shape = (unet_config["in_channels"], unet_config["img_resolution"], unet_config["img_resolution"])
     denoiser = random_denoiser(unet_config, device)
@@ -74,6 +101,9 @@ def run(unet_config: dict, device: torch.device, num: int, batch_size: int, step
     for variant in variants:
         _sampler(denoiser, variant, device, min(num, batch_size), batch_size, 2, shape)()
     calls = {v.name: _sampler(denoiser, v, device, num, batch_size, steps, shape) for v in variants}
+    peer, peer_note = k_diffusion_heun(denoiser, device, num, batch_size, steps, shape)
+    if peer is not None:
+        calls["k_diffusion_sample_heun"] = peer
     times, samples = time_side_by_side(calls, device, repeats, warmup=0)
     reference = samples[REFERENCE.name]
     out = {
@@ -81,6 +111,7 @@ def run(unet_config: dict, device: torch.device, num: int, batch_size: int, step
                   "network_evaluations_per_sample": 2 * steps - 1, "image_shape": list(shape), "repeats": repeats},
         "network": {"unet": unet_config, "weights": "random (reset_parameters of every Conv2d/Linear)"},
         "paths": {},
+        "k_diffusion": peer_note,
     }
     ref_rate = rate(times[REFERENCE.name], num, "samples_per_s")
     for variant in variants:
@@ -92,5 +123,13 @@ def run(unet_config: dict, device: torch.device, num: int, batch_size: int, step
             "ratio_to_reference": ratio(result["samples_per_s"], ref_rate["samples_per_s"]),
             "max_abs_diff_to_reference": float(diff.max()),
             "mean_abs_diff_to_reference": float(diff.mean()),
+        }
+    if peer is not None:
+        result = rate(times["k_diffusion_sample_heun"], num, "samples_per_s")
+        diff = (samples["k_diffusion_sample_heun"] - reference).abs()
+        out["k_diffusion_sample_heun"] = {
+            **result, "max_abs_diff_to_reference": float(diff.max()),
+            "speed_ratio_calmwild_reference_to_k_diffusion": ratio(ref_rate["samples_per_s"],
+                                                                   result["samples_per_s"]),
         }
     return out
