@@ -35,10 +35,10 @@ from calmwild.denoisers import (
 from calmwild.checks import check_count, check_threshold
 from calmwild.io import (atomic_write, check_output_dir, prepare_output_dir, read_json, save_figure,
                          save_png, write_json)
-from calmwild.memorization.early_filter import EarlyRejectionSettings, sample_rejecting_early
 from calmwild.memorization.ratio import RATIO_THRESHOLD, trajectory_memorization
 from calmwild.memorization.report import nearest_pairs_grid
-from calmwild.settings import FIDSettings, GeometrySettings, PerSigmaSettings, SamplingSettings
+from calmwild.settings import (EarlyRejectionSettings, FIDSettings, GeometrySettings, PerSigmaSettings,
+                               SamplingSettings)
 from calmwild.sampling import generate
 from calmwild.stats import wilson_interval
 
@@ -121,6 +121,8 @@ def _draw_samples(denoiser: Denoiser, shape: tuple[int, int, int], num: int, sam
     if not reject_memorized_early:
         samples = generate(denoiser, num, shape, device=device, **sampling.generate_kwargs())
         return samples, time.perf_counter() - start, {}
+    from calmwild.memorization.early_filter import sample_rejecting_early
+
     filtered, rejection = sample_rejecting_early(denoiser, datamodule.train_images, num, shape, sampling,
                                                  early_rejection, threshold, device)
     extra = {"early_rejection": {**rejection, "accepted_indices": filtered.accepted}}

@@ -37,7 +37,7 @@ def squared_distances(
 
 
 # Extra candidates kept per query beyond k before the exact re-scoring (default of ``knn(candidates=None)``).
-DEFAULT_MARGIN = 16
+DEFAULT_MARGIN = 6
 # Elements (query x reference x feature) per block when distances are formed from explicit differences.
 _DIFF_BUDGET = 1 << 22
 
@@ -124,7 +124,7 @@ def knn(
        ||x||^2, which no ranking of one query's neighbours needs: one matrix product with the norms as its bias, no
        further pass over the matrix), chunked over ``query_chunk`` queries and ``ref_chunk`` references (memory
        O(query_chunk * ref_chunk) whatever the reference size), keeping a running best ``candidates`` (default
-       k + 16) per query; ||x||^2 is added to those alone. float32 inputs are multiplied at full float32 precision
+       k + 6) per query; ||x||^2 is added to those alone. float32 inputs are multiplied at full float32 precision
        (TF32 is switched off for the duration); float64 inputs stay float64.
     2. Cancellation fix: the retained candidates that can still be among the k nearest (computed value within
        twice the error bound below of the k-th computed value) are re-scored exactly as ||x - y|| from the

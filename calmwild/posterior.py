@@ -8,6 +8,7 @@ O(batch * chunk) whatever N is, and each chunk costs one matrix product on the t
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -15,8 +16,12 @@ import torch
 from calmwild.neighbors import flatten, squared_distances
 
 
-# exp of arguments below these underflows to 0 anyway, and is ~10x slower on CPUs: arguments are clamped there first
-EXP_UNDERFLOW = {torch.float32: -87.0, torch.float64: -708.0, torch.float16: -17.0, torch.bfloat16: -87.0}
+def log_probability_floor(dtype: torch.dtype, count: int) -> float:
+    """The log-weight, relative to the largest, at which the terms of a softmax over ``count`` items are floored:
+    log(eps / count) - 10, eps the dtype's machine epsilon. All floored terms together then weigh at most e^-10 eps
+    (far below the dtype's resolution), while no probability comes near the float32 denormals: an exp near underflow
+    is ~10x slower on CPUs, and so is every product a denormal enters (the posterior mean's matrix product)."""
+    return math.log(torch.finfo(dtype).eps / max(int(count), 1)) - 10.0
 
 
 class PosteriorSummary(NamedTuple):
@@ -61,6 +66,7 @@ def posterior_summary(
     if torch.any(sig <= 0):
         raise ValueError(f"sigma must be positive, got min {float(sig.min())}")
     neg_inv_two_var = (-0.5 / sig**2).unsqueeze(1)
+    floor = log_probability_floor(ytr.dtype, n)
     if train_sq_norms is None:
         train_sq_norms = (ytr * ytr).sum(dim=1)
 
@@ -84,8 +90,8 @@ def posterior_summary(
             if inside.any():
                 rows = inside.nonzero(as_tuple=True)[0]
                 self_logit[rows] = logits[rows, self_index[rows] - start]
-        # in place from here (logits become probabilities), underflowing arguments clamped first (EXP_UNDERFLOW)
-        probs = logits.sub_(new_max.unsqueeze(1)).clamp_min_(EXP_UNDERFLOW[ytr.dtype]).exp_()
+        # in place from here (logits become probabilities), negligible terms floored (log_probability_floor)
+        probs = logits.sub_(new_max.unsqueeze(1)).clamp_min_(floor).exp_()
         running_sum = running_sum * scale + probs.sum(dim=1)
         if acc is not None:
             acc = acc * scale.unsqueeze(1) + probs @ ytr[start:stop]

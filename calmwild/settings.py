@@ -5,13 +5,14 @@ default. jsonargparse turns a dataclass argument into nested options (``--sampli
 - :class:`SamplingSettings`: how samples are generated (EDM's sampler, paper eq. 4);
 - :class:`PerSigmaSettings`: the items of the per-noise-level metrics (paper eq. 5, Section 3);
 - :class:`GeometrySettings`: the Monte Carlo sizes and levels of the dataset geometry (paper Section 4);
-- :class:`FIDSettings`: the feature space and reference set of a Frechet distance.
+- :class:`FIDSettings`: the feature space and reference set of a Frechet distance;
+- :class:`EarlyRejectionSettings`: how ``sample`` / ``swap`` stop memorized trajectories early (seed 004).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from calmwild.checks import check_choice, check_count, check_open_unit, check_positive, check_sigmas
 
@@ -181,6 +182,53 @@ class FIDSettings:
 
         check_choice(self.feature_extractor, "feature_extractor", FEATURE_EXTRACTORS)
         reference_kind(self.reference)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The early scores of calmwild.memorization.early (defined there), named here where the settings that pick one live.
+ScoreName = Literal["schedule_deviation", "noise_suppression", "estimate_distance", "estimate_ratio",
+                    "posterior_concentration"]
+SCORES: tuple[str, ...] = get_args(ScoreName)
+RELIABLE_AUROC = 0.9  # issue 15's criterion for a reliable early score, fixed before any curve was seen
+
+
+@dataclass(frozen=True)
+class EarlyRejectionSettings:
+    """How ``calmwild sample --reject_memorized_early true`` stops trajectories
+    (:mod:`calmwild.memorization.early_filter`).
+
+    Attributes:
+        score: the early score (see calmwild.memorization.early).
+        step: the step (1-based) at which trajectories are scored; default: the earliest step where the score's
+            AUROC on the calibration trajectories reaches ``level`` (else the step of its largest AUROC).
+        false_negative_rate: the share of memorized calibration trajectories allowed to pass the threshold.
+        level: the AUROC that picks the default step.
+        calibration_num: calibration trajectories, run to the end and labelled by the ratio test.
+        calibration_seed: seed of the calibration trajectories (image i from seed + i; keep it away from the
+            sampling seeds).
+        max_attempts: trajectories started at most (default 10 x the number requested).
+    """
+
+    score: ScoreName = "estimate_ratio"
+    step: int | None = None
+    false_negative_rate: float = 0.05
+    level: float = RELIABLE_AUROC
+    calibration_num: int = 256
+    calibration_seed: int = 1_000_000
+    max_attempts: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.score, "score", SCORES)
+        if self.step is not None:
+            check_count(self.step, "step")
+        check_open_unit(self.false_negative_rate, "false_negative_rate")
+        check_open_unit(self.level, "level")
+        check_count(self.calibration_num, "calibration_num", 2)
+        check_count(self.calibration_seed, "calibration_seed", 0)
+        if self.max_attempts is not None:
+            check_count(self.max_attempts, "max_attempts")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,12 +15,12 @@ that knows nothing.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats as scipy_stats
 
 from calmwild.checks import check_count
 
@@ -46,6 +46,19 @@ class Interval:
         return f"{self.estimate:.3g} [{self.low:.3g}, {self.high:.3g}] (n={self.count})"
 
 
+def _normal_quantile(confidence: float) -> float:
+    """z with P(|Z| <= z) = ``confidence`` for a standard normal Z."""
+    return statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def _t_quantile(confidence: float, dof: float) -> float:
+    """t with P(|T| <= t) = ``confidence`` for Student's T with ``dof`` degrees of freedom (scipy, imported here:
+    the commands that only need normal quantiles start without it)."""
+    from scipy import stats as scipy_stats
+
+    return float(scipy_stats.t.ppf(0.5 + confidence / 2, dof))
+
+
 def _check_confidence(confidence: float) -> float:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
@@ -62,11 +75,13 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> In
     if trials < 1 or not 0 <= successes <= trials:
         raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}")
     p, n = successes / trials, trials
-    z = float(scipy_stats.norm.ppf(0.5 + confidence / 2))
+    z = _normal_quantile(confidence)
     denominator = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n, confidence)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exactly the ends at k = 0 and k = n, not rounded
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return Interval(p, low, high, n, confidence)
 
 
 def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
@@ -78,7 +93,7 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval
         raise ValueError(f"an interval of a mean needs at least 2 values, got {n}")
     mean = sum(x) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    half = _t_quantile(confidence, n - 1) * sd / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n, confidence)
 
 
@@ -96,7 +111,7 @@ def difference_interval(a: Sequence[float], b: Sequence[float], confidence: floa
     if vx + vy == 0.0:
         return Interval(diff, diff, diff, len(x) + len(y), confidence)
     dof = (vx + vy) ** 2 / ((vx * vx / (len(x) - 1) if vx else 0.0) + (vy * vy / (len(y) - 1) if vy else 0.0))
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, dof)) * math.sqrt(vx + vy)
+    half = _t_quantile(confidence, dof) * math.sqrt(vx + vy)
     return Interval(diff, diff - half, diff + half, len(x) + len(y), confidence)
 
 
@@ -178,7 +193,7 @@ def auroc_interval(scores: object, positives: object, confidence: float = 0.95) 
     placement_neg = 1.0 - (ranks[~pos] - midranks(s[~pos])) / m  # share of positives above each negative
     var_pos = float(np.var(placement_pos, ddof=1)) if m > 1 else 0.0
     var_neg = float(np.var(placement_neg, ddof=1)) if n > 1 else 0.0
-    half = float(scipy_stats.norm.ppf(0.5 + confidence / 2)) * math.sqrt(var_pos / m + var_neg / n)
+    half = _normal_quantile(confidence) * math.sqrt(var_pos / m + var_neg / n)
     return Interval(estimate, max(0.0, estimate - half), min(1.0, estimate + half), m + n, confidence)
 
 

@@ -10,13 +10,12 @@ from calmwild.denoisers import EmpiricalDenoiser, GaussianDenoiser
 from calmwild.memorization.early import SCORES, ScoredTrajectories, evaluations_through, score_trajectories
 from calmwild.memorization.early_filter import (
     Calibration,
-    EarlyRejectionSettings,
     calibrate,
     generate_rejecting,
     sample_rejecting_early,
 )
 from calmwild.sampling import generate
-from calmwild.settings import SamplingSettings
+from calmwild.settings import EarlyRejectionSettings, SamplingSettings
 
 SHAPE = (1, 4, 4)
 

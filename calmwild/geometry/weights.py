@@ -21,7 +21,7 @@ from calmwild.geometry.zone import level_crossings
 from calmwild.geometry.levels import level_terms, logits_at, noise_blocks
 from calmwild.geometry.noise import as_points, cluster_mean_se, pair_distances, seeded_generator
 from calmwild.neighbors import knn, squared_distances
-from calmwild.posterior import EXP_UNDERFLOW
+from calmwild.posterior import log_probability_floor
 
 
 @dataclass
@@ -80,7 +80,7 @@ def posterior_weight_curves(
     base_index = torch.randperm(n, generator=gen, device=y.device)[: min(num_points, n)]
     p = base_index.shape[0]
     sq_norms = (y * y).sum(dim=1)
-    floor = EXP_UNDERFLOW[y.dtype]
+    floor = log_probability_floor(y.dtype, n)
     max_weight = torch.zeros(len(levels), p, dtype=torch.float64, device=y.device)
     self_weight = torch.zeros_like(max_weight)
     with tqdm(total=len(levels) * p * num_noises, desc="posterior weights", unit="query", disable=not progress) as bar:

@@ -24,7 +24,7 @@ _WHERE = {
     "plot_sigma_curves": "report", "trajectory_report": "report",
     "SCORES": "early", "ScoredTrajectories": "early", "detection_curves": "early", "evaluations_through": "early",
     "plot_detection_curves": "early", "score_trajectories": "early", "step_scores": "early",
-    "Calibration": "early_filter", "EarlyRejectionSettings": "early_filter", "FilteredSamples": "early_filter",
+    "Calibration": "early_filter", "FilteredSamples": "early_filter",
     "calibrate": "early_filter", "generate_rejecting": "early_filter",
 }
 __all__ = sorted(_WHERE)

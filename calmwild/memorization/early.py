@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,13 +51,9 @@ from calmwild.denoisers import Denoiser
 from calmwild.memorization.ratio import RATIO_THRESHOLD, ratio_test
 from calmwild.posterior import posterior_summary
 from calmwild.sampling import edm_sampler, noise_for_indices
-from calmwild.settings import SamplingSettings
+from calmwild.settings import RELIABLE_AUROC, SCORES, SamplingSettings
 from calmwild.stats import auroc_interval, wilson_interval
 
-ScoreName = Literal["schedule_deviation", "noise_suppression", "estimate_distance", "estimate_ratio",
-                    "posterior_concentration"]
-SCORES: tuple[str, ...] = get_args(ScoreName)
-RELIABLE_AUROC = 0.9  # the criterion, fixed before any curve was seen
 
 
 def evaluations_through(step: int, num_steps: int, solver: str) -> int:

@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from calmwild.checks import check_choice, check_count, check_open_unit
+from calmwild.checks import check_count
 from calmwild.denoisers import Denoiser
 from calmwild.memorization.early import (
-    RELIABLE_AUROC,
-    SCORES,
-    ScoreName,
     ScoredTrajectories,
     check_deterministic,
     detection_curves,
@@ -40,47 +36,8 @@ from calmwild.memorization.early import (
     step_scores,
 )
 from calmwild.sampling import edm_sampler, noise_for_indices
-from calmwild.settings import SamplingSettings
+from calmwild.settings import EarlyRejectionSettings, SamplingSettings
 from calmwild.stats import auroc_interval
-
-
-@dataclass(frozen=True)
-class EarlyRejectionSettings:
-    """How ``calmwild sample --reject_memorized_early true`` stops trajectories.
-
-    Attributes:
-        score: the early score (see calmwild.memorization.early).
-        step: the step (1-based) at which trajectories are scored; default: the earliest step where the score's
-            AUROC on the calibration trajectories reaches ``level`` (else the step of its largest AUROC).
-        false_negative_rate: the share of memorized calibration trajectories allowed to pass the threshold.
-        level: the AUROC that picks the default step.
-        calibration_num: calibration trajectories, run to the end and labelled by the ratio test.
-        calibration_seed: seed of the calibration trajectories (image i from seed + i; keep it away from the
-            sampling seeds).
-        max_attempts: trajectories started at most (default 10 x the number requested).
-    """
-
-    score: ScoreName = "estimate_ratio"
-    step: int | None = None
-    false_negative_rate: float = 0.05
-    level: float = RELIABLE_AUROC
-    calibration_num: int = 256
-    calibration_seed: int = 1_000_000
-    max_attempts: int | None = None
-
-    def __post_init__(self) -> None:
-        check_choice(self.score, "score", SCORES)
-        if self.step is not None:
-            check_count(self.step, "step")
-        check_open_unit(self.false_negative_rate, "false_negative_rate")
-        check_open_unit(self.level, "level")
-        check_count(self.calibration_num, "calibration_num", 2)
-        check_count(self.calibration_seed, "calibration_seed", 0)
-        if self.max_attempts is not None:
-            check_count(self.max_attempts, "max_attempts")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Calibration(NamedTuple):

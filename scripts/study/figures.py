@@ -141,8 +141,8 @@ def swap_figure(swap: dict) -> Figure:
             flags = swap["table"][base][cell]["memorized"]
             iv = stats.wilson_interval(sum(flags), len(flags))
             rates.append(iv.estimate)
-            lows.append(max(iv.estimate - iv.low, 0.0))  # Wilson's ends may miss k / n by rounding at k = 0 or n
-            highs.append(max(iv.high - iv.estimate, 0.0))
+            lows.append(iv.estimate - iv.low)
+            highs.append(iv.high - iv.estimate)
         colors = ["gray"] + ["C0"] * 3 + ["C3"] * 3
         ax.bar(range(len(cells)), rates, yerr=[lows, highs], color=colors[: len(cells)], capsize=3)
         ax.set_xticks(range(len(cells)), [c.replace("_", "\n") for c in cells], fontsize=8)
