@@ -173,3 +173,28 @@ def test_remark_4_3_compares_the_median_thresholds_with_the_curve_crossings():
     flat = WeightCurves(sigmas, torch.full((3,), 0.5, dtype=torch.float64), torch.zeros(3), weights, torch.zeros(3),
                         num_points=4, num_noises=2)
     assert remark_4_3(flat, thresholds)["ratio"] == {"high_weight": None, "low_weight": None}
+
+
+def test_curves_work_in_bounded_chunks_at_any_training_set_size(monkeypatch):
+    """50,000 training points: every product of the weight and coverage curves sees at most ``batch_size`` noisy
+    copies against ``chunk_size`` training points (memory O(batch x chunk)), and the training set is walked in
+    ceil(N / chunk) chunks per block of copies."""
+    from calmwild.geometry import levels, shells, weights
+
+    seen = []
+    original = levels.level_terms
+
+    def counting(base, noise, y, y_sq):
+        seen.append((noise.shape[0] * noise.shape[1], y.shape[0]))
+        return original(base, noise, y, y_sq)
+
+    monkeypatch.setattr(weights, "level_terms", counting)
+    monkeypatch.setattr(shells, "level_terms", counting)
+    train = torch.randn(50_000, 4, generator=torch.Generator().manual_seed(0))
+    posterior_weight_curves(train, [0.1, 1.0, 10.0], num_points=6, num_noises=4, chunk_size=8192, batch_size=8)
+    assert max(rows for rows, _ in seen) <= 8 and max(chunk for _, chunk in seen) <= 8192
+    blocks = math.ceil(6 / (8 // 4))
+    assert len(seen) == blocks * math.ceil(50_000 / 8192)
+    seen.clear()
+    shell_coverage(train, train[:5], [0.1, 1.0, 10.0], num_queries=5, num_noises=4, chunk_size=8192, batch_size=8)
+    assert seen and max(rows for rows, _ in seen) <= 8 and max(chunk for _, chunk in seen) <= 8192
