@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
+from matplotlib.figure import Figure
 
 from calmwild.checks import check_threshold
 from calmwild.evaluation import evaluate_per_sigma_memorization, evaluate_per_sigma_mse
@@ -25,6 +26,13 @@ class _PerSigmaCallback(EvaluationCallback):
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in self.per_sigma.to_dict().items() if k != "batch_size"}  # batching changes nothing
+
+    @staticmethod
+    def at_step(figure: Figure, ctx: Context) -> Figure:
+        """The library's per-sigma plot, its title saying which weights it shows."""
+        ax = figure.axes[0]
+        ax.set_title(f"{ax.get_title()}\nEMA weights at step {ctx.step}", fontsize=10)
+        return figure
 
 
 class PerSigmaMSE(_PerSigmaCallback):
@@ -58,7 +66,8 @@ class PerSigmaMSE(_PerSigmaCallback):
         curve = Curve(xs=section["sigmas"], ys={"train": train, "heldout": heldout,
                                                 "gap": [h - t for h, t in zip(heldout, train)]},
                       title="per-pixel MSE", log_values=True)
-        return Evaluation(part.metrics, {"per_sigma_mse": section}, figure=part.figure, curves={"mse/curve": curve})
+        return Evaluation(part.metrics, {"per_sigma_mse": section}, figure=self.at_step(part.figure, ctx),
+                          curves={"mse/curve": curve})
 
 
 class PerSigmaMemorization(_PerSigmaCallback):
@@ -92,5 +101,5 @@ class PerSigmaMemorization(_PerSigmaCallback):
             return None
         curve = Curve(xs=part.section["sigmas"], ys={"rate": part.section["rate"]},
                       title="per-sigma memorization rate")
-        return Evaluation(part.metrics, {"per_sigma_memorization": part.section}, figure=part.figure,
+        return Evaluation(part.metrics, {"per_sigma_memorization": part.section}, figure=self.at_step(part.figure, ctx),
                           curves={"mem/curve": curve})

@@ -76,3 +76,33 @@ def test_the_wandb_workspace_of_a_paper_config(stem, tmp_path):
     assert all(p["config"]["xAxis"] == "trainer/global_step" for p in lines)
     if stem.startswith("cifar10"):  # the cars configs also run PerSigmaMSE
         assert '"mse/curve_heatmap"' in text and "per-sigma MSE" in sections
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits", "digits_gap"])
+def test_the_shipped_default_configs_fit_without_warnings_and_write_readable_files(name, tmp_path):
+    """A short fit of each shipped CPU config in a fresh process (the user's view: no pytest warning filters): no
+    framework warning, no advertisement; under a 022 umask every file it writes is readable by others (0o644)."""
+    import os
+    import stat
+
+    from tiny import calmwild, only_run_dir, subprocess_env
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    env = subprocess_env(OMP_NUM_THREADS="2")
+    previous = os.umask(0o022)
+    try:
+        done = calmwild(["fit", "--config", str(root / f"{name}.yaml"), "--trainer.max_steps", "4",
+                         "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar",
+                         "false"], cwd=tmp_path, env=env, timeout=600)
+    finally:
+        os.umask(previous)
+    said = done.stdout
+    for noise in ("Warning", "warn(", "litlogger", "💡", "No seed found"):
+        assert noise not in said, f"{noise!r} in the output of {name}.yaml:\n{said[-3000:]}"
+    assert "trajectory memorization" in said and "next: calmwild" in said
+    run_dir = only_run_dir(tmp_path / "runs")
+    files = [p for p in run_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}, [
+        (p.relative_to(run_dir), oct(stat.S_IMODE(p.stat().st_mode))) for p in files
+        if stat.S_IMODE(p.stat().st_mode) != 0o644]
