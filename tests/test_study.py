@@ -106,6 +106,16 @@ def test_the_ledger_reads_back_finished_units_unless_a_dependency_ran(tmp_path):
     assert again.cached("a", deps=("b",)) is None  # b ran in this invocation: a must run again
 
 
+def test_configs_only_writes_the_fits_a_stage_needs_and_stops(tmp_path, capsys):
+    out = tmp_path / "study"
+    result = study_main.main(["--tiny", "--out", str(out), "--configs-only"])
+    expected = [out / "configs" / f"baseline_N{n}_s0.yaml" for n in settings("--tiny")["sizes"]]
+    assert result["to_train"] == [str(p) for p in expected] and all(p.is_file() for p in expected)
+    said = capsys.readouterr().out
+    assert all(f"calmwild fit --config {p}" in said for p in expected)
+    assert not (out / "train").exists() and not (out / "report.md").exists()
+
+
 def _markers(out: Path) -> set[str]:
     return {p.stem for p in (out / "stages").glob("*.json")}
 
