@@ -190,19 +190,28 @@ class EvaluationCallback(Callback):
         return [callback for callback in callbacks
                 if getattr(callback, "monitor", None) and callback.monitor.startswith(self.metric_prefixes)]
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+    def due(self, trainer: Trainer, phase: str) -> bool:
+        """Whether this callback evaluates at the current point of ``trainer`` in hook ``phase``: at a batch end every
+        ``every_n_steps`` steps, at the end of training if ``at_train_end`` (never twice for one step, never while
+        sanity checking or after a stop signal), and once in each ``validate`` / ``test`` loop."""
+        if phase in (PHASE_VALIDATE, PHASE_TEST):
+            return True
         step = trainer.global_step
-        if trainer.sanity_checking or step <= 0 or step % self.every_n_steps != 0 or step == self.last_step:
-            return
-        self.run(trainer, pl_module, PHASE_BATCH_END)
+        if trainer.sanity_checking or step <= 0 or step == self.last_step:
+            return False
+        if phase == PHASE_BATCH_END:
+            return step % self.every_n_steps == 0
+        return phase == PHASE_TRAIN_END and self.at_train_end and not interrupt_pending(trainer)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if self.due(trainer, PHASE_BATCH_END):
+            self.run(trainer, pl_module, PHASE_BATCH_END)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        step = trainer.global_step
-        if trainer.sanity_checking or step <= 0 or interrupt_pending(trainer):  # a signal: seconds left, not minutes
-            return
-        if self.at_train_end and step != self.last_step:
+        if self.due(trainer, PHASE_TRAIN_END):
             self.run(trainer, pl_module, PHASE_TRAIN_END)
-        elif trainer.is_global_zero and not self._heatmaps_current(trainer):
+        elif (trainer.is_global_zero and trainer.global_step > 0 and not trainer.sanity_checking
+              and not interrupt_pending(trainer) and not self._heatmaps_current(trainer)):
             self._draw_heatmaps(trainer)  # the final step was evaluated already: draw what it deferred
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,31 +1,44 @@
 """Per-noise-level evaluations during training: denoising error (paper eq. 5) and one-step memorization (Section 3,
-Fig. 2). The computation is :mod:`calmwild.evaluation`'s; these callbacks schedule it, shard it and log it."""
+Fig. 2). The computation is :mod:`calmwild.evaluation`'s; these callbacks schedule it, shard it and log it.
+
+Both metrics denoise the same held-out items. When a PerSigmaMSE and a PerSigmaMemorization with the same items
+evaluate at the same point, the first of them to run computes both results in one pass
+(:func:`calmwild.evaluation.evaluate_per_sigma`) and hands the other its result for that point."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from lightning.pytorch import LightningModule, Trainer
 from matplotlib.figure import Figure
 
 from calmwild.checks import check_threshold
-from calmwild.evaluation import evaluate_per_sigma_memorization, evaluate_per_sigma_mse
+from calmwild.evaluation import Part, evaluate_per_sigma
 from calmwild.memorization.ratio import RATIO_THRESHOLD
 from calmwild.settings import PerSigmaSettings
 from callbacks.base import Context, Curve, Evaluation, EvaluationCallback
 
 
 class _PerSigmaCallback(EvaluationCallback):
-    """Shared arguments of the per-sigma callbacks: the items (sigma grid, images, seeded noises, batch size)."""
+    """Shared arguments of the per-sigma callbacks (the items: sigma grid, images, seeded noises, batch size) and the
+    one held-out pass they share at a common evaluation point."""
+
+    threshold: float | None = None  # the ratio-test threshold of a memorization callback
+    computes: ClassVar[str]  # the field of calmwild.evaluation.PerSigmaParts this callback reports
 
     def __init__(self, per_sigma: PerSigmaSettings, every_n_steps: int, at_train_end: bool, name: str | None):
         super().__init__(every_n_steps=every_n_steps, at_train_end=at_train_end, name=name)
         if not isinstance(per_sigma, PerSigmaSettings):
             raise TypeError(f"per_sigma must be PerSigmaSettings, got {type(per_sigma).__name__}")
         self.per_sigma = per_sigma
+        self._handed: tuple[tuple[int, str], Part | None] | None = None  # (point, result) computed by a partner
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in self.per_sigma.to_dict().items() if k != "batch_size"}  # batching changes nothing
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._handed = None
 
     @staticmethod
     def at_step(figure: Figure, ctx: Context) -> Figure:
@@ -33,6 +46,44 @@ class _PerSigmaCallback(EvaluationCallback):
         ax = figure.axes[0]
         ax.set_title(f"{ax.get_title()}\nEMA weights at step {ctx.step}", fontsize=10)
         return figure
+
+    def part(self, trainer: Trainer, pl_module: LightningModule, ctx: Context) -> Part | None:
+        """This callback's result at ``ctx`` (on every rank): handed over by a partner that computed it at this point,
+        else computed here together with what every partner due at this point needs (:meth:`_partners`)."""
+        point = (ctx.step, ctx.phase)
+        if self._handed is not None and self._handed[0] == point:
+            part, self._handed = self._handed[1], None
+            return part
+        partners = self._partners(trainer, ctx.phase)
+        group = [self, *partners]
+        thresholds = [cb.threshold for cb in group if cb.threshold is not None]
+        parts = evaluate_per_sigma(
+            pl_module.ema_denoiser(), self.cached_train(trainer, ctx), self.cached_heldout(trainer, ctx),
+            self.per_sigma, thresholds[0] if thresholds else RATIO_THRESHOLD, device=ctx.device,
+            shard=(ctx.rank, ctx.world_size), gather=self.gatherer(pl_module, ctx),
+            mse=any(cb.computes == "mse" for cb in group), memorization=bool(thresholds))
+        for partner in partners:
+            partner._handed = (point, getattr(parts, partner.computes))
+        return getattr(parts, self.computes)
+
+    def _partners(self, trainer: Trainer, phase: str) -> list[_PerSigmaCallback]:
+        """The other per-sigma callbacks of ``trainer`` due at this point with the same items (sigmas, images,
+        noises, seed) and, among memorization callbacks, the same threshold as this one."""
+        def items(callback: _PerSigmaCallback) -> tuple:
+            ps = callback.per_sigma
+            return tuple(ps.sigma_list()), ps.num_images, ps.num_noises, ps.seed
+
+        partners, threshold = [], self.threshold
+        for callback in trainer.callbacks:
+            if (callback is self or not isinstance(callback, _PerSigmaCallback) or items(callback) != items(self)
+                    or not callback.due(trainer, phase)):
+                continue
+            if callback.threshold is not None:
+                if threshold is not None and callback.threshold != threshold:
+                    continue
+                threshold = callback.threshold
+            partners.append(callback)
+        return partners
 
 
 class PerSigmaMSE(_PerSigmaCallback):
@@ -50,15 +101,14 @@ class PerSigmaMSE(_PerSigmaCallback):
     """
 
     metric_prefixes = ("mse/",)
+    computes = "mse"
 
     def __init__(self, per_sigma: PerSigmaSettings = PerSigmaSettings(), every_n_steps: int = 1000,
                  at_train_end: bool = True, name: str | None = None):
         super().__init__(per_sigma, every_n_steps, at_train_end, name)
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, ctx: Context) -> Evaluation | None:
-        part = evaluate_per_sigma_mse(pl_module.ema_denoiser(), self.cached_train(trainer, ctx),
-                                      self.cached_heldout(trainer, ctx), self.per_sigma, ctx.device,
-                                      (ctx.rank, ctx.world_size), self.gatherer(pl_module, ctx))
+        part = self.part(trainer, pl_module, ctx)
         if ctx.rank != 0:
             return None
         section = part.section
@@ -84,6 +134,7 @@ class PerSigmaMemorization(_PerSigmaCallback):
     """
 
     metric_prefixes = ("mem/",)
+    computes = "memorization"
 
     def __init__(self, per_sigma: PerSigmaSettings = PerSigmaSettings(), threshold: float = RATIO_THRESHOLD,
                  every_n_steps: int = 1000, at_train_end: bool = True, name: str | None = None):
@@ -94,9 +145,7 @@ class PerSigmaMemorization(_PerSigmaCallback):
         return {**super().settings(), "threshold": self.threshold}
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, ctx: Context) -> Evaluation | None:
-        part = evaluate_per_sigma_memorization(pl_module.ema_denoiser(), self.cached_heldout(trainer, ctx),
-                                               self.cached_train(trainer, ctx), self.per_sigma, self.threshold,
-                                               ctx.device, (ctx.rank, ctx.world_size), self.gatherer(pl_module, ctx))
+        part = self.part(trainer, pl_module, ctx)
         if ctx.rank != 0:
             return None
         curve = Curve(xs=part.section["sigmas"], ys={"rate": part.section["rate"]},

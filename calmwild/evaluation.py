@@ -3,9 +3,8 @@
 Each ``evaluate_*`` function computes one metric for one process's share of the work and reduces the gathered
 result, returning a :class:`Part` (JSON section, flat metrics with the logged names, figure or image grid):
 
-- :func:`evaluate_per_sigma_mse`: per-noise-level denoising error on training and held-out images (paper eq. 5);
-- :func:`evaluate_per_sigma_memorization`: one-step denoised held-out images under the ratio test (Section 3,
-  Fig. 2);
+- :func:`evaluate_per_sigma`: per-noise-level denoising error on training and held-out images (paper eq. 5) and
+  one-step denoised held-out images under the ratio test (Section 3, Fig. 2), one held-out pass for both;
 - :func:`evaluate_trajectory_memorization`: generated samples under the ratio test (Section 3, Table 1);
 - :func:`evaluate_fid`: FID and KID of generated samples against a reference set, with the sample counts.
 
@@ -44,7 +43,7 @@ from calmwild.fid import ReferenceStats, quality_report, sample_quality
 from calmwild.io import save_figure, save_png, write_json
 from calmwild.memorization.per_sigma import (
     per_sigma_errors,
-    per_sigma_ratio_tests,
+    per_sigma_errors_and_ratio_tests,
     summarize_errors,
     summarize_ratio_tests,
 )
@@ -102,38 +101,54 @@ def _items(images: torch.Tensor, settings: PerSigmaSettings, shard: tuple[int, i
     return torch.arange(*shard_bounds(total, *shard)), total
 
 
-def evaluate_per_sigma_mse(denoiser, train: torch.Tensor, heldout: torch.Tensor, settings: PerSigmaSettings,
-                           device: str | torch.device | None = None, shard: tuple[int, int] = (0, 1),
-                           gather: Gather = on_one_process) -> Part:
-    """Per-pixel MSE_sigma (eq. 5) on the first ``num_images`` training and held-out images with the same seeded
-    noises on both sets (the gap is paired); logs ``mse/{train,heldout,gap}/sigma_X``."""
-    sigmas = settings.sigma_list()
-    curves = {}
-    for split, images in (("train", train), ("heldout", heldout)):
-        images = images[: settings.num_images]
-        items, total = _items(images, settings, shard)
-        errors = per_sigma_errors(denoiser, images, sigmas, settings.num_noises, settings.seed, settings.batch_size,
-                                  items=items, device=device)  # [S, shard]
-        errors = gather(errors.T.contiguous(), total).T
-        curves[split] = summarize_errors(sigmas, errors, torch.arange(total), settings.num_noises)
-    section, metrics = mse_report(curves["train"], curves["heldout"])
-    return Part(section, metrics, figure=plot_per_sigma_mse(curves["train"], curves["heldout"]))
+class PerSigmaParts(NamedTuple):
+    """The per-sigma results of :func:`evaluate_per_sigma`: ``mse`` and ``memorization`` (None when not asked)."""
+
+    mse: Part | None
+    memorization: Part | None
 
 
-def evaluate_per_sigma_memorization(denoiser, heldout: torch.Tensor, train: torch.Tensor, settings: PerSigmaSettings,
-                                    threshold: float = RATIO_THRESHOLD, device: str | torch.device | None = None,
-                                    shard: tuple[int, int] = (0, 1), gather: Gather = on_one_process) -> Part:
-    """The fraction of (held-out image, noise) items whose one-step denoising D(x + sigma n; sigma) passes the ratio
-    test against the training set, per sigma; logs ``mem/sigma_X``, ``mem/peak_rate``, ``mem/peak_sigma``."""
+def evaluate_per_sigma(denoiser, train: torch.Tensor, heldout: torch.Tensor, settings: PerSigmaSettings,
+                       threshold: float = RATIO_THRESHOLD, device: str | torch.device | None = None,
+                       shard: tuple[int, int] = (0, 1), gather: Gather = on_one_process, mse: bool = True,
+                       memorization: bool = True) -> PerSigmaParts:
+    """The per-noise-level metrics on the first ``num_images`` images of each set, with the same seeded noises:
+
+    - ``mse``: per-pixel MSE_sigma (eq. 5) on training and held-out images (the gap is paired); logs
+      ``mse/{train,heldout,gap}/sigma_X``;
+    - ``memorization``: the fraction of held-out items whose one-step denoising D(x + sigma n; sigma) passes the ratio
+      test against the training set (Section 3, Fig. 2); logs ``mem/sigma_X``, ``mem/peak_rate``, ``mem/peak_sigma``.
+
+    Both look at the same held-out items, which are denoised once when both are asked for."""
+    if not (mse or memorization):
+        raise ValueError("evaluate_per_sigma needs mse=True, memorization=True or both")
+    threshold = check_threshold(threshold)
     sigmas = settings.sigma_list()
+    common = (sigmas, settings.num_noises, settings.seed, settings.batch_size)
     heldout = heldout[: settings.num_images]
     items, total = _items(heldout, settings, shard)
-    tests = per_sigma_ratio_tests(denoiser, heldout, train, sigmas, settings.num_noises, settings.seed,
-                                  settings.batch_size, threshold, items=items, device=device)
-    tests = RatioTestResult(*(gather(field.T.contiguous(), total).T for field in tests))
-    result = summarize_ratio_tests(sigmas, tests, torch.arange(total), settings.num_noises, threshold)
-    section, metrics = memorization_report(result)
-    return Part(section, metrics, figure=plot_per_sigma_memorization(result))
+    memorization_part = None
+    if memorization:
+        errors, tests = per_sigma_errors_and_ratio_tests(denoiser, heldout, train, *common, threshold, items=items,
+                                                         device=device)
+        tests = RatioTestResult(*(gather(field.T.contiguous(), total).T for field in tests))
+        result = summarize_ratio_tests(sigmas, tests, torch.arange(total), settings.num_noises, threshold)
+        section, metrics = memorization_report(result)
+        memorization_part = Part(section, metrics, figure=plot_per_sigma_memorization(result))
+    else:
+        errors = per_sigma_errors(denoiser, heldout, *common, items=items, device=device)
+    if not mse:
+        return PerSigmaParts(None, memorization_part)
+    curves = {"heldout": summarize_errors(sigmas, gather(errors.T.contiguous(), total).T, torch.arange(total),
+                                          settings.num_noises)}
+    train = train[: settings.num_images]
+    items, total = _items(train, settings, shard)
+    errors = per_sigma_errors(denoiser, train, *common, items=items, device=device)
+    curves["train"] = summarize_errors(sigmas, gather(errors.T.contiguous(), total).T, torch.arange(total),
+                                       settings.num_noises)
+    section, metrics = mse_report(curves["train"], curves["heldout"])
+    mse_part = Part(section, metrics, figure=plot_per_sigma_mse(curves["train"], curves["heldout"]))
+    return PerSigmaParts(mse_part, memorization_part)
 
 
 def evaluate_trajectory_memorization(samples: torch.Tensor, train: torch.Tensor, num_samples: int,
@@ -214,9 +229,7 @@ def evaluate_denoiser(
         seconds[name] = time.perf_counter() - start
         return result
 
-    mse = timed("per_sigma_mse", lambda: evaluate_per_sigma_mse(denoiser, train, heldout, per_sigma, device))
-    mem = timed("per_sigma_memorization",
-                lambda: evaluate_per_sigma_memorization(denoiser, heldout, train, per_sigma, threshold, device))
+    mse, mem = timed("per_sigma", lambda: evaluate_per_sigma(denoiser, train, heldout, per_sigma, threshold, device))
     samples = timed("sampling", lambda: generate(denoiser, num_samples, image_shape, device=device, progress=progress,
                                                  **sampling.generate_kwargs()))
     traj, tests = timed("trajectory_memorization",

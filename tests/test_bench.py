@@ -52,13 +52,14 @@ def test_quick_mode_runs_every_benchmark_and_writes_one_json_object(tmp_path, mo
     network = results["network"]
     assert positive(network["calmwild_unet_edm"]["img_per_s"]) and network["peer"].startswith("NVlabs/edm peer skipped")
 
-    # configs/digits.yaml, counted by hand: every 250 of 2000 steps PerSigmaMSE denoises 64 training + 128 held-out
-    # items and PerSigmaMemorization 256 held-out items at EDM's 18 levels; TrajectoryMemorization (every 250), FID
-    # and SampleGrid (every 1000) share 256 samples of 35 Heun evaluations each; training is 2000 x 32 x 3.
+    # configs/digits.yaml, counted by hand: every 250 of 2000 steps PerSigmaMSE denoises 64 training + 256 held-out
+    # items at EDM's 18 levels and PerSigmaMemorization the same 256 held-out items (one pass for both);
+    # TrajectoryMemorization (every 250), FID and SampleGrid (every 1000) share 256 samples of 35 Heun evaluations
+    # each; training is 2000 x 32 x 3.
     digits = results["budget"]["configs"]["digits.yaml"]
-    assert digits["evaluations_total"] == 8 * ((64 + 128) * 18 + 256 * 18 + 256 * 35)
-    assert digits["heaviest_round_evaluations"] == (64 + 128) * 18 + 256 * 18 + 256 * 35
-    assert digits["held_out_denoising_done_twice"] == 8 * 128 * 18
+    assert digits["evaluations_total"] == 8 * ((64 + 256) * 18 + 256 * 35)
+    assert digits["heaviest_round_evaluations"] == (64 + 256) * 18 + 256 * 35
+    assert digits["held_out_evaluations_shared"] == 8 * 256 * 18
     assert digits["evaluation_share_of_training"] == pytest.approx(digits["evaluations_total"] / (2000 * 32 * 3))
     assert positive(digits["heaviest_round_in_training_steps"])
     assert {"cifar10_cars2k_gap.yaml", "celeba_gap100_350.yaml"} <= set(results["budget"]["configs"])

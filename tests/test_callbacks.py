@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+import callbacks.per_sigma as per_sigma_callbacks
 from callbacks import FID, PerSigmaMemorization, PerSigmaMSE, SampleGrid, TrajectoryMemorization
 from calmwild.evaluation import shard_bounds
 from calmwild.settings import FIDSettings, PerSigmaSettings, SamplingSettings
@@ -128,6 +129,25 @@ def test_arguments_are_validated_and_state_keys_are_unique():
     cb = TrajectoryMemorization()
     cb.load_state_dict({"last_step": 30, "history": [{"step": 30, "traj_mem/rate": 0.5}]})
     assert cb.state_dict() == {"last_step": 30, "history": [{"step": 30, "traj_mem/rate": 0.5}], "curve_rows": {}}
+
+
+def test_per_sigma_callbacks_share_one_held_out_pass_only_with_partners_due_on_the_same_items():
+    from types import SimpleNamespace
+
+    from callbacks.base import PHASE_BATCH_END, PHASE_TRAIN_END
+
+    items = PerSigmaSettings(sigmas=SIGMAS, num_images=11)
+    mse = PerSigmaMSE(items, every_n_steps=3)
+    mem = PerSigmaMemorization(PerSigmaSettings(sigmas=SIGMAS, num_images=11, batch_size=5), every_n_steps=6)
+    strict = PerSigmaMemorization(items, threshold=0.2, every_n_steps=3, name="strict")
+    other_items = PerSigmaMemorization(PerSigmaSettings(sigmas=SIGMAS, num_images=12), every_n_steps=3, name="other")
+    trainer = SimpleNamespace(callbacks=[mse, mem, strict, other_items], global_step=6, sanity_checking=False)
+    assert mse._partners(trainer, PHASE_BATCH_END) == [mem]  # batching is not an item; one threshold per pass
+    assert strict._partners(trainer, PHASE_BATCH_END) == [mse]
+    trainer.global_step = 3
+    assert mse._partners(trainer, PHASE_BATCH_END) == [strict]  # mem is not due at step 3
+    mem.last_step = strict.last_step = 3
+    assert mse._partners(trainer, PHASE_TRAIN_END) == []  # step 3 was evaluated already
 
 
 def test_fid_fails_at_setup_when_inception_weights_are_missing(tmp_path):
@@ -253,6 +273,13 @@ def test_single_process_fit_logs_to_csv_and_wandb(tmp_path, monkeypatch):
         return original_sample(self, num, seed=seed, **kwargs)
 
     monkeypatch.setattr(DiffusionModule, "sample", counted_sample)
+    per_sigma_calls, evaluate_per_sigma = [], per_sigma_callbacks.evaluate_per_sigma
+
+    def counted_per_sigma(*args, mse, memorization, **kwargs):
+        per_sigma_calls.append((mse, memorization))
+        return evaluate_per_sigma(*args, mse=mse, memorization=memorization, **kwargs)
+
+    monkeypatch.setattr(per_sigma_callbacks, "evaluate_per_sigma", counted_per_sigma)
     loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
                {"class_path": "lightning.pytorch.loggers.WandbLogger",
                 "init_args": {"project": "calmwild-test", "offline": True}}]
@@ -264,6 +291,7 @@ def test_single_process_fit_logs_to_csv_and_wandb(tmp_path, monkeypatch):
     _check_files(run_dir, steps, phases)
     # TrajectoryMemorization, FID and SampleGrid (a prefix of the same samples) share one sampling per evaluation
     assert sample_calls == [(step, SAMPLES, 0) for step in steps]
+    assert per_sigma_calls == [(True, True)] * len(steps)  # one held-out pass per step serves both per-sigma callbacks
     assert list((run_dir / "fid_cache").glob("train-*.pt"))
     fid = _eval_json(run_dir, "fid", 7)["fid"]
     assert fid["num_samples"] == SAMPLES and "RandomConvFeatures" in fid["feature_extractor"]

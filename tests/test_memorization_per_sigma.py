@@ -10,6 +10,7 @@ from calmwild.evaluation import shard_bounds
 from calmwild.memorization.per_sigma import (
     item_noise,
     per_sigma_errors,
+    per_sigma_errors_and_ratio_tests,
     per_sigma_memorization,
     per_sigma_mse,
     per_sigma_ratio_tests,
@@ -169,6 +170,26 @@ def test_per_sigma_memorization_independent_of_batch_size_and_sharding(gen):
     torch.testing.assert_close(joined.stderr, full.stderr)
     rate = full.tests.memorized.double().mean(dim=1)
     torch.testing.assert_close(full.stderr, (rate * (1 - rate) / 17).sqrt())  # binomial with one noise per image
+
+
+def test_one_held_out_pass_scores_both_metrics(gen, count_rows):
+    g = gen(9)
+    train = torch.randn(21, 1, 4, 4, generator=g)
+    heldout = torch.randn(9, 1, 4, 4, generator=g)
+    sigmas, items = [0.05, 0.6, 3.0], torch.tensor([1, 2, 3, 7, 10, 17])  # 2 noises per image
+    denoise = count_rows(empirical_denoiser(train))
+    errors, tests = per_sigma_errors_and_ratio_tests(denoise, heldout, train, sigmas, 2, 4, 4, items=items)
+    assert denoise.rows == len(sigmas) * len(items)  # each (item, sigma) denoised once for both metrics
+    assert torch.equal(errors, per_sigma_errors(denoise, heldout, sigmas, 2, 4, 4, items=items))
+    noise = item_noise(items, 2, (1, 4, 4), seed=4)
+    for s, sigma in enumerate(sigmas):  # written out: denoise, then distances to every training image in float64
+        x0 = heldout[items // 2]
+        z = denoise(x0 + sigma * noise, torch.full((len(items),), sigma))
+        d1, d2, nearest = brute_ratio(z, train)
+        assert torch.equal(tests.nearest_index[s], nearest)
+        torch.testing.assert_close(tests.ratio[s].double(), d1 / d2, rtol=1e-5, atol=1e-6)
+        assert torch.equal(tests.memorized[s], d1 / d2 < 1 / 3)
+        torch.testing.assert_close(errors[s], (z.double() - x0.double()).square().flatten(1).mean(dim=1))
 
 
 def test_per_sigma_memorization_checks_shapes_and_threshold():

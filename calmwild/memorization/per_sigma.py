@@ -14,7 +14,8 @@ work gives each rank a contiguous slice of item ids (:func:`calmwild.evaluation.
     curve = summarize_errors(sigmas, all_errors, torch.arange(total), num_noises)
 
 and likewise :func:`per_sigma_ratio_tests` + :func:`summarize_ratio_tests`. :func:`per_sigma_mse` and
-:func:`per_sigma_memorization` are exactly these two steps on one process.
+:func:`per_sigma_memorization` are exactly these two steps on one process. Both metrics look at the same held-out
+items: :func:`per_sigma_errors_and_ratio_tests` denoises them once and scores them both ways.
 """
 
 from __future__ import annotations
@@ -124,8 +125,13 @@ def per_sigma_errors(
     ids = item_ids(items, images.shape[0], num_noises)
     out = torch.empty(sig.numel(), ids.numel(), dtype=torch.float64)
     for s, cols, x0, den in _denoised(denoiser, images, sig, ids, num_noises, seed, batch_size, device):
-        out[s, cols] = (den.double() - x0.double()).square().flatten(1).mean(dim=1).cpu()
+        out[s, cols] = _squared_error_per_pixel(den, x0)
     return out
+
+
+def _squared_error_per_pixel(denoised: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """||D - x0||^2 / d per image, in float64 on the CPU [B]."""
+    return (denoised.double() - x0.double()).square().flatten(1).mean(dim=1).cpu()
 
 
 def summarize_errors(
@@ -180,6 +186,43 @@ class PerSigmaMemorization(NamedTuple):
                 "num_items": self.num_items, "threshold": self.threshold}
 
 
+def per_sigma_errors_and_ratio_tests(
+    denoiser: DenoiserFn,
+    heldout: torch.Tensor,
+    train: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    num_noises: int = 1,
+    seed: int = 0,
+    batch_size: int = 256,
+    threshold: float = RATIO_THRESHOLD,
+    items: Sequence[int] | torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, RatioTestResult]:
+    """One denoising pass over held-out items (image i, noise j), z = D(x_i + sigma n_ij; sigma), scored twice: the
+    squared error per pixel ||z - x_i||^2 / d (eq. 5's integrand, as :func:`per_sigma_errors` would return it for
+    the held-out images, bit for bit) and :func:`ratio_test` of z against the training set (Section 3). Returns
+    (errors float64 [S, M], a :class:`RatioTestResult` of CPU tensors [S, M]), M = len(items). Denoising runs on
+    ``device`` (default: the held-out images' device), the neighbour search on ``device`` if given, else on the
+    training set's device."""
+    threshold = check_threshold(threshold)
+    heldout, train = check_images(heldout, "heldout"), check_images(train, "train")
+    if heldout.shape[1:] != train.shape[1:]:
+        raise ValueError(f"heldout images {tuple(heldout.shape[1:])} and train images {tuple(train.shape[1:])} "
+                         "differ in shape")
+    sig = check_sigmas(sigmas)
+    num_noises, batch_size = check_count(num_noises, "num_noises"), check_count(batch_size, "batch_size")
+    ids = item_ids(items, heldout.shape[0], num_noises)
+    shape = (sig.numel(), ids.numel())
+    errors = torch.empty(shape, dtype=torch.float64)
+    tests = RatioTestResult(torch.empty(shape, dtype=torch.bool), torch.empty(shape),
+                            torch.empty(shape, dtype=torch.long), torch.empty(shape), torch.empty(shape))
+    for s, cols, x0, den in _denoised(denoiser, heldout, sig, ids, num_noises, seed, batch_size, device):
+        errors[s, cols] = _squared_error_per_pixel(den, x0)
+        for field, value in zip(tests, ratio_test(den, train, threshold, device=device)):
+            field[s, cols] = value.cpu()
+    return errors, tests
+
+
 def per_sigma_ratio_tests(
     denoiser: DenoiserFn,
     heldout: torch.Tensor,
@@ -194,24 +237,9 @@ def per_sigma_ratio_tests(
 ) -> RatioTestResult:
     """For held-out items (image i, noise j): z = D(x_i + sigma n_ij; sigma), then :func:`ratio_test` of z
     against the training set. Returns a :class:`RatioTestResult` whose fields are CPU tensors [len(sigmas),
-    len(items)]. Denoising runs on ``device`` (default: the held-out images' device), the neighbour search on
-    ``device`` if given, else on the training set's device."""
-    threshold = check_threshold(threshold)
-    heldout, train = check_images(heldout, "heldout"), check_images(train, "train")
-    if heldout.shape[1:] != train.shape[1:]:
-        raise ValueError(f"heldout images {tuple(heldout.shape[1:])} and train images {tuple(train.shape[1:])} "
-                         "differ in shape")
-    sig = check_sigmas(sigmas)
-    num_noises, batch_size = check_count(num_noises, "num_noises"), check_count(batch_size, "batch_size")
-    ids = item_ids(items, heldout.shape[0], num_noises)
-    shape = (sig.numel(), ids.numel())
-    out = RatioTestResult(torch.empty(shape, dtype=torch.bool), torch.empty(shape),
-                          torch.empty(shape, dtype=torch.long), torch.empty(shape), torch.empty(shape))
-    for s, cols, _, den in _denoised(denoiser, heldout, sig, ids, num_noises, seed, batch_size, device):
-        result = ratio_test(den, train, threshold, device=device)
-        for field, value in zip(out, result):
-            field[s, cols] = value.cpu()
-    return out
+    len(items)] (the second half of :func:`per_sigma_errors_and_ratio_tests`)."""
+    return per_sigma_errors_and_ratio_tests(denoiser, heldout, train, sigmas, num_noises, seed, batch_size, threshold,
+                                            items, device)[1]
 
 
 def summarize_ratio_tests(

@@ -6,9 +6,10 @@ per image).
 Counted as calmwild computes them: samples that TrajectoryMemorization, FID and SampleGrid draw with the same sampler
 settings at the same step are generated once (``callbacks.sharding.SHARED_SAMPLES``) and counted once; a Heun run of
 N steps costs 2N - 1 evaluations per sample; PerSigmaMSE denoises its training and held-out items at every level,
-PerSigmaMemorization its held-out items (the held-out denoising of the two, with equal settings, is the one piece of
-work still done twice, and is reported as such). Seconds come from the measured time of one image forward and one
-training step per image of the config's own network on ``device`` (timed at ``batch`` images and scaled linearly).
+PerSigmaMemorization its held-out items, and the two denoise their held-out items once between them when they
+evaluate the same items at the same step (``callbacks.per_sigma``; the evaluations saved are reported as
+``held_out_evaluations_shared``). Seconds come from the measured time of one image forward and one training step
+per image of the config's own network on ``device`` (timed at ``batch`` images and scaled linearly).
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def _callback(spec: dict):
 
 
 def _items(per_sigma) -> tuple | None:
-    """What decides the items of a per-sigma callback besides their number: levels, noises per image, noise seed."""
-    return None if per_sigma is None else (tuple(per_sigma.sigma_list()), per_sigma.num_noises, per_sigma.seed)
+    """What decides the items of a per-sigma callback: levels, images, noises per image, noise seed."""
+    return None if per_sigma is None else (tuple(per_sigma.sigma_list()), per_sigma.num_images, per_sigma.num_noises,
+                                           per_sigma.seed)
 
 
 def _sampler_evaluations(sampling) -> int:
@@ -104,9 +106,10 @@ def evaluation_rounds(cfg: dict) -> dict:
         for step in steps:
             steps_of.setdefault(step, []).append((name, args))
     per_step: dict[int, int] = {}
-    shared_samples = 0
+    shared_samples, shared_held_out = 0, 0
     for step, entries in steps_of.items():
         samples: dict[tuple, tuple[int, int]] = {}
+        held_out_passes: set[tuple] = set()  # the held-out items already denoised at this step
         cost = 0
         for name, args in entries:
             if name in SAMPLE_CALLBACKS:
@@ -114,18 +117,19 @@ def evaluation_rounds(cfg: dict) -> dict:
                 key = (s.seed, s.steps, s.solver, s.s_churn, s.precision)
                 count = max(samples.get(key, (0, 0))[0], int(args["num_samples"]))
                 samples[key] = (count, _sampler_evaluations(s))
-            else:
-                cost += per_callback[name]["evaluations_per_round"]
+                continue
+            entry = per_callback[name]
+            cost += entry["evaluations_per_round"]
+            if entry["items"] is not None:
+                held_out = entry["items"]
+                if held_out in held_out_passes:
+                    cost -= entry["held_out_evaluations_per_round"]
+                    shared_held_out += entry["held_out_evaluations_per_round"]
+                held_out_passes.add(held_out)
         drawn = sum(count * per_sample for count, per_sample in samples.values())
         per_step[step] = cost + drawn
         shared_samples += drawn
     total = sum(per_step.values())
-    duplicated = 0  # the first held-out items of both per-sigma callbacks, when they share levels, noises and steps
-    if "PerSigmaMSE" in per_callback and "PerSigmaMemorization" in per_callback:
-        mse, mem = per_callback["PerSigmaMSE"], per_callback["PerSigmaMemorization"]
-        if mse["every_n_steps"] == mem["every_n_steps"] and mse["items"] == mem["items"]:
-            duplicated = min(mse["held_out_evaluations_per_round"], mem["held_out_evaluations_per_round"]) * min(
-                mse["rounds"], mem["rounds"])
     for entry in per_callback.values():
         entry.pop("items")
     batch = int(data.get("batch_size", 512))
@@ -133,7 +137,7 @@ def evaluation_rounds(cfg: dict) -> dict:
     return {"max_steps": max_steps, "batch_size": batch, "callbacks": per_callback,
             "evaluations_total": total, "heaviest_round_evaluations": max(per_step.values(), default=0),
             "of_which_shared_samples": shared_samples,
-            "held_out_denoising_done_twice": duplicated,
+            "held_out_evaluations_shared": shared_held_out,
             "training_forward_equivalents": training,
             "evaluation_share_of_training": total / training if training else None}
 
