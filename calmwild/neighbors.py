@@ -166,6 +166,9 @@ def knn(
     y_norm_max = float(y_sq.max().double().sqrt())
 
     out_d, out_i = [], []
+    # one buffer for every chunk's scores: a fresh [query_chunk, ref_chunk] tensor per chunk would cost as much as
+    # the product itself on a CPU (the allocator returns large blocks to the system, every page faults back in)
+    scores = torch.empty(min(query_chunk, x.shape[0]) * min(ref_chunk, n), dtype=dtype, device=device)
     with _full_precision_matmul():
         for qs in range(0, x.shape[0], query_chunk):
             xq = x[qs : qs + query_chunk].to(device, dtype)
@@ -176,7 +179,8 @@ def knn(
             best_i = torch.empty(xq.shape[0], 0, dtype=torch.long, device=device)
             for rs in range(0, n, ref_chunk):
                 yc = y[rs : rs + ref_chunk].to(device, dtype)
-                partial = torch.addmm(y_sq[rs : rs + ref_chunk].unsqueeze(0), xq, yc.T, alpha=-2.0)
+                partial = scores[: xq.shape[0] * yc.shape[0]].view(xq.shape[0], yc.shape[0])
+                torch.addmm(y_sq[rs : rs + ref_chunk].unsqueeze(0), xq, yc.T, alpha=-2.0, out=partial)
                 top = torch.topk(partial, min(keep, partial.shape[1]), dim=1, largest=False)
                 cand_d, cand_i = torch.cat([best_d, top.values], 1), torch.cat([best_i, top.indices + rs], 1)
                 top = torch.topk(cand_d, min(keep, cand_d.shape[1]), dim=1, largest=False)
