@@ -194,16 +194,24 @@ class MarkSteps(Callback):
         self.marker, self.seconds = marker, seconds
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        Path(self.marker).write_text(str(trainer.global_step))
+        write_marker(self.marker, str(trainer.global_step))
         time.sleep(self.seconds)
+
+
+def write_marker(path: str | Path, text: str) -> None:
+    """Writes a marker file whole or not at all (a reader polling it never sees it empty or half written)."""
+    partial = Path(f"{path}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 120) -> str:
     """The content of ``path`` once it exists (the process must not have ended first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and path.read_text():
-            return path.read_text()
+        text = path.read_text() if path.exists() else ""
+        if text:
+            return text
         if process.poll() is not None:
             raise AssertionError(f"process ended ({process.returncode}) before {path} appeared: "
                                  f"{process.stdout.read()[-3000:] if process.stdout else ''}")
@@ -233,7 +241,7 @@ class SlowSaves(Callback):
             data = buffer.getvalue()
             handle.write(data[: len(data) // 2])
             handle.flush()
-            Path(marker).write_text(str(trainer.global_step))
+            write_marker(marker, str(trainer.global_step))
             time.sleep(seconds)
             handle.write(data[len(data) // 2:])
             return None
@@ -250,7 +258,7 @@ class HangAtStep(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
-            Path(self.marker).write_text(str(trainer.global_step))
+            write_marker(self.marker, str(trainer.global_step))
             time.sleep(self.seconds)
 
 
