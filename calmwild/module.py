@@ -339,10 +339,12 @@ class DiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        fused = self.device.type == "cuda"
+        # one kernel per step on a GPU; on a CPU the multi-tensor path (torch's default is a loop over the tensors
+        # there), which makes the same updates bit for bit at half the cost
+        implementation = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         optimizer = torch.optim.Adam(
             self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay,
-            fused=fused or None,
+            **implementation,
         )
         if hp.lr_warmup_steps <= 0:
             return optimizer
