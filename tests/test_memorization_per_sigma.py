@@ -13,7 +13,6 @@ from calmwild.memorization.per_sigma import (
     per_sigma_errors_and_ratio_tests,
     per_sigma_memorization,
     per_sigma_mse,
-    per_sigma_ratio_tests,
     summarize_errors,
     summarize_ratio_tests,
 )
@@ -163,7 +162,8 @@ def test_per_sigma_memorization_independent_of_batch_size_and_sharding(gen):
     assert torch.equal(full.tests.nearest_index, small.tests.nearest_index)
     torch.testing.assert_close(full.tests.ratio, small.tests.ratio)
     shards = [shard_items(17, 1, rank, 2) for rank in range(2)]
-    parts = [per_sigma_ratio_tests(denoise, heldout, train, sigmas, seed=2, batch_size=4, items=s) for s in shards]
+    parts = [per_sigma_errors_and_ratio_tests(denoise, heldout, train, sigmas, seed=2, batch_size=4, items=s)[1]
+             for s in shards]
     gathered = type(parts[0])(*(torch.cat(fields, dim=1) for fields in zip(*parts)))
     joined = summarize_ratio_tests(sigmas, gathered, torch.cat(shards), num_noises=1, threshold=1 / 3)
     torch.testing.assert_close(joined.rate, full.rate)

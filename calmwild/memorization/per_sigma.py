@@ -13,9 +13,9 @@ work gives each rank a contiguous slice of item ids (:func:`calmwild.evaluation.
     # gather ``errors`` from all ranks in rank order, then on any rank:
     curve = summarize_errors(sigmas, all_errors, torch.arange(total), num_noises)
 
-and likewise :func:`per_sigma_ratio_tests` + :func:`summarize_ratio_tests`. :func:`per_sigma_mse` and
-:func:`per_sigma_memorization` are exactly these two steps on one process. Both metrics look at the same held-out
-items: :func:`per_sigma_errors_and_ratio_tests` denoises them once and scores them both ways.
+and likewise :func:`per_sigma_errors_and_ratio_tests` + :func:`summarize_ratio_tests` (one denoising pass of the
+held-out items scored both ways: its errors are :func:`per_sigma_errors`' of the held-out images, bit for bit).
+:func:`per_sigma_mse` and :func:`per_sigma_memorization` are exactly these two steps on one process.
 """
 
 from __future__ import annotations
@@ -223,25 +223,6 @@ def per_sigma_errors_and_ratio_tests(
     return errors, tests
 
 
-def per_sigma_ratio_tests(
-    denoiser: DenoiserFn,
-    heldout: torch.Tensor,
-    train: torch.Tensor,
-    sigmas: Sequence[float] | torch.Tensor,
-    num_noises: int = 1,
-    seed: int = 0,
-    batch_size: int = 256,
-    threshold: float = RATIO_THRESHOLD,
-    items: Sequence[int] | torch.Tensor | None = None,
-    device: torch.device | str | None = None,
-) -> RatioTestResult:
-    """For held-out items (image i, noise j): z = D(x_i + sigma n_ij; sigma), then :func:`ratio_test` of z
-    against the training set. Returns a :class:`RatioTestResult` whose fields are CPU tensors [len(sigmas),
-    len(items)] (the second half of :func:`per_sigma_errors_and_ratio_tests`)."""
-    return per_sigma_errors_and_ratio_tests(denoiser, heldout, train, sigmas, num_noises, seed, batch_size, threshold,
-                                            items, device)[1]
-
-
 def summarize_ratio_tests(
     sigmas: Sequence[float] | torch.Tensor,
     tests: RatioTestResult,
@@ -274,10 +255,10 @@ def per_sigma_memorization(
     """Per-noise-level memorization rate (paper Section 3, Fig. 2): the fraction of (held-out image, noise) pairs whose
     one-step denoised output D(x_test + sigma n; sigma) is memorized (d1/d2 < threshold against ``train``),
     with its standard error and the per-item nearest training indices. Equivalent to
-    :func:`per_sigma_ratio_tests` + :func:`summarize_ratio_tests` over all items."""
+    :func:`per_sigma_errors_and_ratio_tests` + :func:`summarize_ratio_tests` over all items."""
     heldout = check_images(heldout, "heldout")
     num_noises = check_count(num_noises, "num_noises")
     ids = item_ids(None, heldout.shape[0], num_noises)
-    tests = per_sigma_ratio_tests(denoiser, heldout, train, sigmas, num_noises, seed, batch_size, threshold, ids,
-                                  device)
+    _, tests = per_sigma_errors_and_ratio_tests(denoiser, heldout, train, sigmas, num_noises, seed, batch_size,
+                                                threshold, ids, device)
     return summarize_ratio_tests(sigmas, tests, ids, num_noises, threshold)

@@ -18,7 +18,7 @@ RATIO_THRESHOLD = 1 / 3  # Yoon et al. (2023); the paper's criterion (Section 3)
 
 
 class RatioTestResult(NamedTuple):
-    """Ratio test per query (shape [Q], or [S, M] from :func:`per_sigma_ratio_tests`).
+    """Ratio test per query (shape [Q], or [S, M] from :func:`per_sigma_errors_and_ratio_tests`).
 
     memorized: bool, ratio < threshold;  ratio: d1 / d2 (float32, 0/0 := 0);  nearest_index: long, the training
     image at distance d1;  d1, d2: float32 Euclidean distances to the nearest and second-nearest training image.

@@ -1,7 +1,7 @@
 """``python scripts/study.py``: the paper's claims as an experiment, on the embedded digits (CPU) or the paper's data
 (GPU), with calmwild's commands only.
 
-    python scripts/study.py --quick --out DIR     # about 10 minutes on 2 CPU cores
+    python scripts/study.py --quick --out DIR     # 10-12 minutes on 2 idle CPU cores
     python scripts/study.py --out DIR             # the standard run, under an hour on 2 CPU cores
     python scripts/study.py --tiny --out DIR      # every stage at toy sizes (the test suite)
     python scripts/study.py --dataset cifar10 --data-root PATH --out DIR    # the paper's setup, on a GPU
