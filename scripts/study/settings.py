@@ -4,7 +4,7 @@ output directory to one set of settings.
 Sizes per mode (digits: scikit-learn's 8x8 digits, no download):
 
 - ``tiny``: every stage at toy sizes, seconds per stage (the test suite);
-- ``quick``: a 16-channel U-Net, 800 steps, sizes 16 .. 128, 3 seeds, 10-12 minutes on 2 idle CPU cores;
+- ``quick``: a 16-channel U-Net, 640 steps, sizes 16 .. 128, 3 seeds, 10-12 minutes on 2 idle CPU cores;
 - ``standard``: a 32-channel U-Net, 2,000 steps, sizes 16 .. 512, 4 seeds, more samples, about 45 minutes on 2 cores;
 - ``--dataset cifar10`` / ``celeba`` (GPU): the paper's networks and recipes (EDM's DDPM++ on CIFAR-10, the DDPM
   U-Net of Bonnaire et al. on grayscale CelebA), sizes around the paper's N = 1,000 / 1,024.
@@ -47,8 +47,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  swap_samples=16, swap_blocks=2, heldout=64, refine_rounds=1,
                  geometry=dict(num_points=8, num_noises=8, num_queries=16, num_coverage_noises=4, num_pairs=100,
                                num_threshold_points=4, num_levels=16)),
-    "quick": dict(dataset="digits", sizes=[16, 32, 64, 128], steps=800, batch_size=32, model_channels=16,
-                  eval_every=200, seeds=[0, 1, 2], samples=256, trajectory_samples=128, per_sigma_images=128,
+    "quick": dict(dataset="digits", sizes=[16, 32, 64, 128], steps=640, batch_size=32, model_channels=16,
+                  eval_every=160, seeds=[0, 1, 2], samples=256, trajectory_samples=128, per_sigma_images=128,
                   sigma_levels=24, swap_samples=128, swap_blocks=3, heldout=500, refine_rounds=2,
                   geometry=dict(_DIGITS_GEOMETRY, num_levels=40)),
     "standard": dict(dataset="digits", sizes=[16, 32, 64, 128, 256, 512], steps=2000, batch_size=32,
