@@ -3,7 +3,8 @@
 - :func:`wilson_interval`: a binomial proportion k / n (one model's memorization rate over n samples), Wilson's score
   interval (E. B. Wilson 1927), which stays inside [0, 1] and behaves at k = 0 or k = n where the normal
   approximation collapses to a point.
-- :func:`mean_interval`: the mean of a few independent values (one rate per training seed), Student's t interval.
+- :func:`mean_interval`: the mean of a few independent values (one rate per training seed), Student's t interval;
+  :func:`rate_mean_interval` the same for rates, clipped to [0, 1].
 - :func:`difference_interval`: the difference of two such means (Welch's t interval with the Welch-Satterthwaite
   degrees of freedom), for "the intervention lowers the rate": the interval of the difference, not two intervals.
 
@@ -95,6 +96,13 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval
     sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
     half = _t_quantile(confidence, n - 1) * sd / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n, confidence)
+
+
+def rate_mean_interval(rates: Sequence[float], confidence: float = 0.95) -> Interval:
+    """:func:`mean_interval` of rates in [0, 1] (one per training seed) with its ends clipped to [0, 1]: with few
+    seeds the t interval of a rate near 0 or 1 reaches past the values a mean of rates can take."""
+    interval = mean_interval(rates, confidence)
+    return Interval(interval.estimate, max(0.0, interval.low), min(1.0, interval.high), interval.count, confidence)
 
 
 def difference_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Interval:

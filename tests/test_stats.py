@@ -110,6 +110,17 @@ def test_mean_and_difference_intervals_match_scipy():
         mean_interval([1.0])
 
 
+def test_a_mean_of_rates_keeps_its_interval_inside_zero_and_one():
+    from calmwild.stats import rate_mean_interval
+
+    for rates in ([0.113, 0.062, 0.047], [0.97, 0.99, 0.91], [0.4, 0.6, 0.5]):
+        low, high = stats.t.interval(0.95, len(rates) - 1, loc=np.mean(rates), scale=stats.sem(rates))
+        mine = rate_mean_interval(rates)
+        assert (mine.low, mine.high) == pytest.approx((max(0.0, low), min(1.0, high)))
+        assert mine.estimate == pytest.approx(np.mean(rates)) and mine.count == 3
+    assert rate_mean_interval([0.113, 0.062, 0.047]).low == 0.0  # the quick study's dummy arm: t reaches -1.2%
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_auroc_interval_is_delong_from_brute_force_placements(seed):
     rng = np.random.default_rng(seed)

@@ -90,7 +90,7 @@ def arms_figure(arms: dict, zone: list[float]) -> Figure:
         rates = [m["trajectory"]["rate"] for m in entry["models"]]
         fds = [m["quality"]["fid"] for m in entry["models"]]
         right.scatter(fds, rates, color=color, s=14, alpha=0.5)
-        rate_iv, fd_iv = stats.mean_interval(rates), stats.mean_interval(fds)
+        rate_iv, fd_iv = stats.rate_mean_interval(rates), stats.mean_interval(fds)
         right.errorbar([fd_iv.estimate], [rate_iv.estimate], xerr=_error(fd_iv), yerr=_error(rate_iv), color=color,
                        marker="s", capsize=3, label=arm)
     _log_sigma_axis(left, zone)

@@ -278,5 +278,5 @@ def _arm_row(arm: str, entry: dict) -> str:
     per_seed = ", ".join(f"{pct(m['trajectory']['rate'])}" for m in entry["models"])
     fds = [m["quality"]["fid"] for m in entry["models"]]
     kids = [m["quality"]["kid"] for m in entry["models"] if m["quality"]["kid"] is not None]
-    return (f"| {arm} | {_sampler_text(entry['sampler'], arm)} | {interval_text(stats.mean_interval(rates))} | "
+    return (f"| {arm} | {_sampler_text(entry['sampler'], arm)} | {interval_text(stats.rate_mean_interval(rates))} | "
             f"{per_seed} | {_mean_sd(fds)} | {_mean_sd(kids) if kids else 'n/a'} |")
