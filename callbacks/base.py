@@ -208,11 +208,12 @@ class EvaluationCallback(Callback):
             self.run(trainer, pl_module, PHASE_BATCH_END)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.global_step <= 0 or interrupt_pending(trainer):
+            return  # nothing trained, or a signal: seconds left, not minutes
         if self.due(trainer, PHASE_TRAIN_END):
             self.run(trainer, pl_module, PHASE_TRAIN_END)
-        elif (trainer.is_global_zero and trainer.global_step > 0 and not trainer.sanity_checking
-              and not interrupt_pending(trainer) and not self._heatmaps_current(trainer)):
-            self._draw_heatmaps(trainer)  # the final step was evaluated already: draw what it deferred
+        elif trainer.is_global_zero and not self._heatmaps_current(trainer):
+            self._draw_heatmaps(trainer)  # no evaluation now: draw the heatmaps the earlier ones deferred
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``calmwild validate``: one evaluation of the checkpoint (a fit's own validation loop, if one is configured,

@@ -68,15 +68,12 @@ class _PerSigmaCallback(EvaluationCallback):
 
     def _partners(self, trainer: Trainer, phase: str) -> list[_PerSigmaCallback]:
         """The other per-sigma callbacks of ``trainer`` due at this point with the same items (sigmas, images,
-        noises, seed) and, among memorization callbacks, the same threshold as this one."""
-        def items(callback: _PerSigmaCallback) -> tuple:
-            ps = callback.per_sigma
-            return tuple(ps.sigma_list()), ps.num_images, ps.num_noises, ps.seed
-
-        partners, threshold = [], self.threshold
+        noises, seed: :meth:`PerSigmaSettings.items_key`) and, among memorization callbacks, the same threshold as
+        this one."""
+        partners, threshold, items = [], self.threshold, self.per_sigma.items_key()
         for callback in trainer.callbacks:
-            if (callback is self or not isinstance(callback, _PerSigmaCallback) or items(callback) != items(self)
-                    or not callback.due(trainer, phase)):
+            if (callback is self or not isinstance(callback, _PerSigmaCallback)
+                    or callback.per_sigma.items_key() != items or not callback.due(trainer, phase)):
                 continue
             if callback.threshold is not None:
                 if threshold is not None and callback.threshold != threshold:

@@ -125,27 +125,31 @@ def evaluate_per_sigma(denoiser, train: torch.Tensor, heldout: torch.Tensor, set
     threshold = check_threshold(threshold)
     sigmas = settings.sigma_list()
     common = (sigmas, settings.num_noises, settings.seed, settings.batch_size)
+
+    def everyones(columns: torch.Tensor, total: int) -> torch.Tensor:
+        """[S, this rank's items] -> [S, total] in item order (``gather`` concatenates rows)."""
+        return gather(columns.T.contiguous(), total).T
+
+    def error_curve(images: torch.Tensor, errors: torch.Tensor | None = None):
+        """MSE_sigma over the first ``num_images`` images (``errors`` of this rank's items when already computed)."""
+        items, total = _items(images, settings, shard)
+        if errors is None:
+            errors = per_sigma_errors(denoiser, images[: settings.num_images], *common, items=items, device=device)
+        return summarize_errors(sigmas, everyones(errors, total), torch.arange(total), settings.num_noises)
+
     heldout = heldout[: settings.num_images]
-    items, total = _items(heldout, settings, shard)
-    memorization_part = None
+    errors, memorization_part = None, None
     if memorization:
+        items, total = _items(heldout, settings, shard)
         errors, tests = per_sigma_errors_and_ratio_tests(denoiser, heldout, train, *common, threshold, items=items,
                                                          device=device)
-        tests = RatioTestResult(*(gather(field.T.contiguous(), total).T for field in tests))
-        result = summarize_ratio_tests(sigmas, tests, torch.arange(total), settings.num_noises, threshold)
+        result = summarize_ratio_tests(sigmas, RatioTestResult(*(everyones(field, total) for field in tests)),
+                                       torch.arange(total), settings.num_noises, threshold)
         section, metrics = memorization_report(result)
         memorization_part = Part(section, metrics, figure=plot_per_sigma_memorization(result))
-    else:
-        errors = per_sigma_errors(denoiser, heldout, *common, items=items, device=device)
     if not mse:
         return PerSigmaParts(None, memorization_part)
-    curves = {"heldout": summarize_errors(sigmas, gather(errors.T.contiguous(), total).T, torch.arange(total),
-                                          settings.num_noises)}
-    train = train[: settings.num_images]
-    items, total = _items(train, settings, shard)
-    errors = per_sigma_errors(denoiser, train, *common, items=items, device=device)
-    curves["train"] = summarize_errors(sigmas, gather(errors.T.contiguous(), total).T, torch.arange(total),
-                                       settings.num_noises)
+    curves = {"heldout": error_curve(heldout, errors), "train": error_curve(train)}
     section, metrics = mse_report(curves["train"], curves["heldout"])
     mse_part = Part(section, metrics, figure=plot_per_sigma_mse(curves["train"], curves["heldout"]))
     return PerSigmaParts(mse_part, memorization_part)

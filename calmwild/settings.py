@@ -95,6 +95,11 @@ class PerSigmaSettings:
             return edm_sigma_steps(DEFAULT_PER_SIGMA_LEVELS).tolist()
         return check_sigmas(self.sigmas, distinct_names=True).tolist()
 
+    def items_key(self) -> tuple:
+        """What decides the items and so the numbers: levels, images, noises per image, noise seed (not the batch
+        size). Two metrics with equal keys evaluate the same (image, noise, sigma) triples."""
+        return tuple(self.sigma_list()), self.num_images, self.num_noises, self.seed
+
     def to_dict(self) -> dict:
         return {**asdict(self), "sigmas": [round(s, 6) for s in self.sigma_list()]}
 

@@ -62,12 +62,6 @@ def _callback(spec: dict):
     return name, args
 
 
-def _items(per_sigma) -> tuple | None:
-    """What decides the items of a per-sigma callback: levels, images, noises per image, noise seed."""
-    return None if per_sigma is None else (tuple(per_sigma.sigma_list()), per_sigma.num_images, per_sigma.num_noises,
-                                           per_sigma.seed)
-
-
 def _sampler_evaluations(sampling) -> int:
     return 2 * sampling.steps - 1 if sampling.solver == "heun" else sampling.steps
 
@@ -91,9 +85,10 @@ def evaluation_rounds(cfg: dict) -> dict:
             steps.append(max_steps)
         if name == "DangerZone":
             steps = [0]
-        evaluations, heldout = 0, 0
+        evaluations, heldout, items = 0, 0, None
         if name in ("PerSigmaMSE", "PerSigmaMemorization"):
             ps = args["per_sigma"]
+            items = ps.items_key()
             levels = len(ps.sigma_list())
             heldout = min(ps.num_images, num_heldout or ps.num_images) * ps.num_noises * levels
             train = min(ps.num_images, num_train or ps.num_images) * ps.num_noises * levels
@@ -102,7 +97,7 @@ def evaluation_rounds(cfg: dict) -> dict:
             evaluations = args["num_samples"] * _sampler_evaluations(args["sampling"])
         per_callback[name] = {"every_n_steps": every, "rounds": len(steps), "evaluations_per_round": evaluations,
                               "held_out_evaluations_per_round": heldout,
-                              "items": _items(args.get("per_sigma"))}
+                              "items": items}
         for step in steps:
             steps_of.setdefault(step, []).append((name, args))
     per_step: dict[int, int] = {}
